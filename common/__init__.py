@@ -1,0 +1,1 @@
+"""Shared code of the MedGen3D bundles: data, transforms, sequences, diffusion, metrics, io."""

@@ -1,0 +1,90 @@
+"""Atomic file writing and careful reading: no half-written file under a final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from common.errors import DataError
+
+
+def _suffix(path: Path) -> str:
+    """``.nii.gz`` for ``x.nii.gz``, ``.json`` for ``x.json``."""
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".tmp{_suffix(path)}", dir=path.parent
+    )
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(obj, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a JSON file; a missing or malformed file raises DataError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise DataError(str(path), "file not found", "check the path") from e
+    except json.JSONDecodeError as e:
+        raise DataError(str(path), f"not valid JSON ({e})", "fix or regenerate the file") from e
+
+
+def save_nifti(
+    array: np.ndarray, affine: np.ndarray, path: str | Path, description: str | None = None
+) -> Path:
+    """Write a 3D array ``(H, W, D)`` as NIfTI with ``affine``, atomically.
+
+    ``description`` goes to the header's 80-character ``descrip`` field (e.g. label names).
+    """
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    if description:
+        img.header["descrip"] = description.encode()[:79]
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """Open a NIfTI/MGZ volume lazily; unreadable or missing files raise DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(str(path), "file not found", "check the path in the datalist")
+    try:
+        img = nib.load(str(path))
+        img.header.get_data_shape()
+        return img
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise DataError(
+            str(path),
+            f"cannot be read as a NIfTI/MGZ volume ({type(e).__name__}: {e})",
+            "re-export or re-download the file",
+        ) from e

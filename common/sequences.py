@@ -1,0 +1,91 @@
+"""A volume as a sequence of axial slices: windows of ``m`` slices and their start ``z``.
+
+Shapes: volume ``(C, H, W, D)``, windows ``(N, C, H, W, m)``, starts ``(N,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def window_starts(depth: int, m: int, stride: int | None = None) -> list[int]:
+    """Starts of windows of ``m`` slices, ``stride`` apart, covering ``0..depth-1``.
+
+    The last window is moved back to end at ``depth`` so no window leaves the volume.
+    """
+    stride = stride or m
+    if not 1 <= m <= depth:
+        raise ValueError(f"window of {m} slices does not fit a volume of {depth} slices")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    starts = list(range(0, depth - m + 1, stride))
+    if starts[-1] + m < depth:
+        starts.append(depth - m)
+    return starts
+
+
+def extract_windows(
+    volume: torch.Tensor, m: int, stride: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, H, W, D)`` -> windows ``(N, C, H, W, m)`` and their starts ``(N,)``."""
+    starts = window_starts(volume.shape[-1], m, stride)
+    windows = torch.stack([volume[..., s : s + m] for s in starts])
+    return windows, torch.tensor(starts)
+
+
+def assemble_windows(windows: torch.Tensor, starts, depth: int) -> torch.Tensor:
+    """Windows ``(N, C, H, W, m)`` -> volume ``(C, H, W, depth)``; overlaps are averaged.
+
+    Raises ValueError when the windows leave a slice uncovered.
+    """
+    m = windows.shape[-1]
+    total = torch.zeros((*windows.shape[1:-1], depth), dtype=windows.dtype)
+    count = torch.zeros(depth, dtype=windows.dtype)
+    for window, s in zip(windows, [int(s) for s in starts], strict=True):
+        total[..., s : s + m] += window
+        count[s : s + m] += 1
+    if (count == 0).any():
+        raise ValueError(f"slices {torch.nonzero(count == 0).flatten().tolist()} are not covered")
+    return total / count
+
+
+@dataclass(frozen=True)
+class WindowStep:
+    """One window of sequential generation: slices ``start..start+m-1``.
+
+    ``given`` slices at the window's low end (``direction="forward"``, growing upward in z)
+    or high end (``"backward"``, growing downward) are copied from what exists;
+    ``direction="none"`` is the first, unconditional window.
+    """
+
+    start: int
+    given: int
+    direction: str
+
+
+def extension_plan(depth: int, m: int, n: int, z0: int) -> list[WindowStep]:
+    """Windows that grow one window at ``z0`` to cover ``0..depth-1``, as MC-DPM samples.
+
+    First the unconditional window at ``z0``; then upward windows conditioned on the last
+    ``n`` generated slices; then downward windows conditioned on the first ``n``. A window
+    that would leave the volume is moved back inside; it then keeps more than ``n`` given
+    slices, so no slice is ever generated twice.
+    """
+    if not 0 < n < m <= depth:
+        raise ValueError(f"need 0 < n < m <= depth, got n={n}, m={m}, depth={depth}")
+    if not 0 <= z0 <= depth - m:
+        raise ValueError(f"z0={z0} outside 0..{depth - m}")
+    plan = [WindowStep(z0, 0, "none")]
+    top = z0 + m  # first slice not yet generated above
+    while top < depth:
+        start = min(top - n, depth - m)
+        plan.append(WindowStep(start, top - start, "forward"))
+        top = start + m
+    bottom = z0  # lowest generated slice
+    while bottom > 0:
+        start = max(bottom + n - m, 0)
+        plan.append(WindowStep(start, start + m - bottom, "backward"))
+        bottom = start
+    return plan
