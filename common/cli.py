@@ -69,15 +69,10 @@ def validate(datalist: str, affine_tol: float = 1e-3) -> str:
         datalist: path of datalist.json.
         affine_tol: largest allowed difference between image and label affines.
     """
-    from common.datalist import read_datalist
-    from common.validate import format_report, validate_datalist
+    from common.validate import count_cases, format_report, validate_datalist
 
     problems = validate_datalist(datalist, affine_tol=affine_tol)
-    n_cases = sum(
-        len(v)
-        for k, v in read_datalist(datalist).items()
-        if k in ("training", "validation", "test")
-    )
+    n_cases = count_cases(datalist)
     report = format_report(problems, n_cases)
     if problems:
         print(report, file=sys.stderr)
