@@ -156,7 +156,7 @@ def _collect(problems: list[DataError], fn: Callable, *args):
 
 
 def validate_case(
-    image_path: str | Path,
+    image_path: str | Path | None,
     label_path: str | Path,
     label_set: LabelSet | None,
     affine_tol: float = 1e-3,
@@ -164,11 +164,15 @@ def validate_case(
 ) -> list[DataError]:
     """Every problem of one image/label pair; each volume is read once, headers first.
 
-    ``label_set`` None skips the label-value check (only all-zero labels are reported).
+    ``label_set`` None skips the label-value check (only all-zero labels are reported);
+    ``image_path`` None checks a mask alone (a mask-only datalist).
     """
-    image_path, label_path = Path(image_path), Path(label_path)
+    label_path = Path(label_path)
     problems: list[DataError] = []
-    image = _collect(problems, _open, image_path, max_voxels)
+    image = None
+    if image_path is not None:
+        image_path = Path(image_path)
+        image = _collect(problems, _open, image_path, max_voxels)
     label = _collect(problems, _open, label_path, max_voxels)
     if image is not None and label is not None:
         problems += _geometry(image_path, label_path, image, label, affine_tol)
@@ -218,16 +222,24 @@ def _entries(doc: dict, path: Path) -> list[tuple[str, object]]:
 
 
 def _validate_entry(
-    where: str, entry, path: Path, label_set: LabelSet | None, affine_tol: float, max_voxels: int
+    where: str,
+    entry,
+    path: Path,
+    label_set: LabelSet | None,
+    affine_tol: float,
+    max_voxels: int,
+    masks_only: bool = False,
 ) -> list[DataError]:
     if not isinstance(entry, dict):
         return [
             DataError(str(path), f"{where} is not an object", 'use {"image": ..., "label": ...}')
         ]
     problems: list[DataError] = []
-    image = _collect(problems, _resolve, entry.get("image"), "image", where, path)
+    image = None
+    if not masks_only:
+        image = _collect(problems, _resolve, entry.get("image"), "image", where, path)
     label = _collect(problems, _resolve, entry.get("label"), "label", where, path)
-    if image is not None and label is not None:
+    if (image is not None or masks_only) and label is not None:
         problems += validate_case(image, label, label_set, affine_tol, max_voxels)
     return problems
 
@@ -235,7 +247,10 @@ def _validate_entry(
 def validate_datalist(
     path: str | Path, affine_tol: float = 1e-3, max_voxels: int = MAX_VOXELS
 ) -> list[DataError]:
-    """Every problem of a datalist and the volumes it lists (empty: valid). Reads only."""
+    """Every problem of a datalist and the volumes it lists (empty: valid). Reads only.
+
+    A datalist with ``"masks_only": true`` (generated masks) lists labels without images.
+    """
     path = Path(path).absolute()
     try:
         doc = read_json(path)
@@ -246,11 +261,14 @@ def validate_datalist(
     problems: list[DataError] = []
     label_set = _collect(problems, datalist_label_set, doc, path)
     _collect(problems, datalist_modality, doc, path)
+    masks_only = bool(doc.get("masks_only", False))
     for where, entry in _collect(problems, _entries, doc, path) or []:
         case = (
             f"{where} ({entry['case']})" if isinstance(entry, dict) and "case" in entry else where
         )
-        for problem in _validate_entry(where, entry, path, label_set, affine_tol, max_voxels):
+        for problem in _validate_entry(
+            where, entry, path, label_set, affine_tol, max_voxels, masks_only
+        ):
             problem.case = case
             problems.append(problem)
     return problems

@@ -1,0 +1,1 @@
+"""Demo cohorts built from real data shipped with installed packages (no downloads)."""

@@ -1,0 +1,130 @@
+"""Diffusion training targets and sampling loops over MONAI schedulers.
+
+A scheduler knows noise and steps, a model knows nothing of sampling; these functions
+compose them. ``kind`` is ``ddpm`` or ``ddim`` (both train to predict the noise, so a
+DDPM-trained model samples with either) or ``rflow`` (rectified flow, predicts velocity).
+Tensors are ``(B, C, *spatial)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
+from tqdm import tqdm
+
+KINDS = ("ddpm", "ddim", "rflow")
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_scheduler(
+    kind: str, num_train_timesteps: int = 1000, schedule: str = "linear_beta", **kwargs
+) -> Scheduler:
+    """A MONAI scheduler: DDPMScheduler, DDIMScheduler or RFlowScheduler."""
+    if kind == "ddpm":
+        return DDPMScheduler(num_train_timesteps, schedule=schedule, clip_sample=False, **kwargs)
+    if kind == "ddim":
+        return DDIMScheduler(num_train_timesteps, schedule=schedule, clip_sample=False, **kwargs)
+    if kind == "rflow":
+        return RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True, **kwargs)
+    raise ValueError(f"scheduler kind must be one of {KINDS}, got {kind!r}")
+
+
+def objective(scheduler: Scheduler) -> str:
+    """``velocity`` for rectified flow, else ``noise``: what the model learns to predict."""
+    return "velocity" if isinstance(scheduler, RFlowScheduler) else "noise"
+
+
+def noisy_and_target(
+    scheduler: Scheduler, x0: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw timesteps ``(B,)`` and noise; return ``(x_t, target, timesteps)`` for training."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    n = scheduler.num_train_timesteps
+    t = torch.randint(0, n, (x0.shape[0],), generator=generator, device=x0.device).long()
+    x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+    target = x0 - noise if objective(scheduler) == "velocity" else noise
+    return x_t, target, t
+
+
+def _step_pairs(scheduler: Scheduler, steps: int, device, start: int | None):
+    """``(t, next_t)`` pairs from high noise to clean, only those with ``t <= start``."""
+    scheduler.set_timesteps(steps, device=device)
+    ts = [int(t) for t in scheduler.timesteps]
+    if start is not None:
+        ts = [t for t in ts if t <= start]
+    return list(zip(ts, [*ts[1:], 0]))
+
+
+def sample(
+    model: ModelFn,
+    scheduler: Scheduler,
+    x: torch.Tensor,
+    steps: int,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    start: int | None = None,
+    fix_known: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the reverse process from ``x`` (pure noise, or ``x_start`` when ``start`` is set).
+
+    Args:
+        model: ``(x_t, t (B,)) -> prediction`` (noise or velocity, matching the scheduler).
+        scheduler: from ``make_scheduler``.
+        x: ``(B, C, *spatial)`` starting sample.
+        steps: inference steps over the full schedule (DDIM/RFlow: few; DDPM: up to 1000).
+        generator: seeds the stochastic DDPM steps; a list gives each batch item its own
+            generator, so an item's result does not depend on what it is batched with.
+        start: only timesteps ``<= start`` are run (partial denoising, e.g. the refiner's t0).
+        fix_known: ``(x, t) -> x`` applied before every model call, e.g. to keep given
+            slices clean (inpainting).
+        progress: show a progress bar.
+    Returns the denoised sample, same shape as ``x``.
+    """
+    pairs = _step_pairs(scheduler, steps, x.device, start)
+    for t, next_t in tqdm(pairs, disable=not progress, desc="sampling", leave=False):
+        if fix_known is not None:
+            x = fix_known(x, t)
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        pred = model(x, t_batch)
+        if isinstance(generator, list):
+            x = torch.cat(
+                [
+                    _step(scheduler, p[None], t, next_t, s[None], g)
+                    for p, s, g in zip(pred, x, generator)
+                ]
+            )
+        else:
+            x = _step(scheduler, pred, t, next_t, x, generator)
+    return fix_known(x, 0) if fix_known is not None else x
+
+
+def _step(scheduler: Scheduler, pred, t: int, next_t: int, x, generator) -> torch.Tensor:
+    """One reverse step ``x_t -> x_next_t`` with any of the three schedulers."""
+    if isinstance(scheduler, RFlowScheduler):
+        return scheduler.step(pred, t, x, next_t)[0]
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler.step(pred, t, x, eta=0.0, generator=generator)[0]
+    return scheduler.step(pred, t, x, generator=generator)[0]
+
+
+def noise_to(
+    scheduler: Scheduler, x0: torch.Tensor, t: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``x0`` noised to timestep ``t`` (the refiner's start point)."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    ts = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+    return scheduler.add_noise(original_samples=x0, noise=noise, timesteps=ts)
+
+
+def guided(model_cond: ModelFn, model_uncond: ModelFn, scale: float) -> ModelFn:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``; one call when scale=1."""
+    if scale == 1.0:
+        return model_cond
+
+    def fn(x, t):
+        u = model_uncond(x, t)
+        return u + scale * (model_cond(x, t) - u)
+
+    return fn
