@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from common.errors import DataError
 
@@ -88,3 +89,45 @@ def load_volume(path: str | Path) -> nib.spatialimages.SpatialImage:
             f"cannot be read as a NIfTI/MGZ volume ({type(e).__name__}: {e})",
             "re-export or re-download the file",
         ) from e
+
+
+def load_weights(network: torch.nn.Module, path: str | Path, key: str = "model") -> torch.nn.Module:
+    """Load a state dict (plain, or under ``key``) into ``network`` with ``weights_only=True``.
+
+    A checkpoint of another bundle, preset or label set raises DataError listing the
+    missing, unexpected and mis-shaped keys instead of a raw stack trace.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            str(path), "checkpoint not found", "train the bundle first or set ckpt_path"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(
+            str(path), f"cannot be read as a checkpoint ({e})", "re-train or re-download"
+        ) from e
+    if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+        state = state[key]
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{len(missing)} missing keys {missing[:5]}" if missing else "",
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}" if unexpected else "",
+            f"{len(shapes)} shape mismatches {shapes[:5]}" if shapes else "",
+        ]
+        raise DataError(
+            str(path),
+            "does not fit this network (" + "; ".join(p for p in parts if p) + ")",
+            "use the checkpoint trained with the same bundle, preset and label set",
+        )
+    network.load_state_dict(state)
+    return network

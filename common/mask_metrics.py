@@ -355,6 +355,11 @@ def evaluate_mask_datalists(generated_datalist, real_datalist, out_dir=None) -> 
     gen = [_load_label(p, gen_set) for p in gen_paths]
     _check_grid(real_paths + gen_paths, real + gen, len(real))
     metrics = evaluate_masks([m for m, _ in gen], [m for m, _ in real], label_set, real[0][1])
+    return _record(metrics, generated_datalist, real_datalist, out_dir)
+
+
+def _record(metrics: dict, generated_datalist, real_datalist, out_dir) -> dict:
+    """Add the datalist paths; with ``out_dir`` write ``mask_metrics.json`` and ``.md``."""
     metrics["generated_datalist"] = str(Path(generated_datalist).absolute())
     metrics["real_datalist"] = str(Path(real_datalist).absolute())
     if out_dir is not None:
@@ -362,3 +367,23 @@ def evaluate_mask_datalists(generated_datalist, real_datalist, out_dir=None) -> 
         with atomic_path(Path(out_dir) / "mask_metrics.md") as tmp:
             tmp.write_text(markdown_table(metrics))
     return metrics
+
+
+def evaluate_against_real(
+    generated_datalist, real_datalist, preprocessing, spacing, out_dir=None
+) -> dict:
+    """Generated masks (model grid) against real masks brought to the model grid.
+
+    ``preprocessing`` is the bundle's transform chain (``common.transforms.volume_transforms``
+    without one-hot) applied to each real case; ``spacing`` is the generated masks' voxel
+    size in mm. With ``out_dir`` writes ``mask_metrics.json`` and ``mask_metrics.md``.
+    """
+    real_doc, gen_doc = read_datalist(real_datalist), read_datalist(generated_datalist)
+    label_set = datalist_label_set(real_doc, real_datalist)
+    real = [
+        np.asarray(preprocessing(case)["label"][0]).round().astype(np.int64)
+        for case in real_doc["training"]
+    ]
+    gen = [_load_label(p, label_set)[0] for p in _label_paths(gen_doc, generated_datalist)]
+    metrics = evaluate_masks(gen, real, label_set, tuple(float(s) for s in spacing))
+    return _record(metrics, generated_datalist, real_datalist, out_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from monai.transforms import MapTransform, Randomizable
 
 
 def window_starts(depth: int, m: int, stride: int | None = None) -> list[int]:
@@ -89,3 +90,49 @@ def extension_plan(depth: int, m: int, n: int, z0: int) -> list[WindowStep]:
         plan.append(WindowStep(start, start + m - bottom, "backward"))
         bottom = start
     return plan
+
+
+class RandWindowd(Randomizable, MapTransform):
+    """Crop ``num_samples`` random windows of ``m`` axial slices from ``(C, H, W, D)`` volumes.
+
+    Each output dict holds the windows ``(C, H, W, m)`` under the same keys and the start
+    slice under ``z_key`` (a long tensor), which the MC-DPM embeds as its position.
+    """
+
+    def __init__(self, keys, m: int, num_samples: int = 1, z_key: str = "z"):
+        MapTransform.__init__(self, keys)
+        self.m, self.num_samples, self.z_key = int(m), int(num_samples), z_key
+
+    def __call__(self, data) -> list[dict]:
+        d = dict(data)
+        depth = d[self.keys[0]].shape[-1]
+        if depth < self.m:
+            raise ValueError(f"volume has {depth} slices, fewer than the window m={self.m}")
+        out = []
+        for z in self.R.randint(0, depth - self.m + 1, size=self.num_samples):
+            sample = dict(d)
+            for key in self.key_iterator(d):
+                sample[key] = d[key][..., int(z) : int(z) + self.m]
+            sample[self.z_key] = torch.tensor(int(z), dtype=torch.long)
+            out.append(sample)
+        return out
+
+
+class SlidingWindowsd(MapTransform):
+    """All windows of ``m`` slices, ``stride`` apart, of ``(C, H, W, D)`` volumes (validation).
+
+    Deterministic counterpart of ``RandWindowd``: a list of dicts, each with ``z_key``.
+    """
+
+    def __init__(self, keys, m: int, stride: int | None = None, z_key: str = "z"):
+        super().__init__(keys)
+        self.m, self.stride, self.z_key = int(m), stride, z_key
+
+    def __call__(self, data) -> list[dict]:
+        d = dict(data)
+        out = []
+        for z in window_starts(d[self.keys[0]].shape[-1], self.m, self.stride):
+            sample = {**d, **{k: d[k][..., z : z + self.m] for k in self.key_iterator(d)}}
+            sample[self.z_key] = torch.tensor(z, dtype=torch.long)
+            out.append(sample)
+        return out

@@ -28,3 +28,31 @@ def smooth_ct_pair(tmp_path):
         "label_array": label,
         "affine": affine,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_segthor_datalist(tmp_path_factory):
+    """Four 40x40x24 CT cases with the four SegTHOR labels as tubes and a blob; a datalist."""
+    from common.datalist import write_datalist
+    from common.labels import load_label_set
+
+    out = tmp_path_factory.mktemp("tiny_segthor")
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 24)
+    x, y, z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    cases = []
+    for i in range(4):
+        label = np.zeros(shape, np.uint8)
+        r = 6 + rng.integers(0, 3) + 2 * np.sin(z / 5)
+        label[((x - 20) ** 2 + (y - 20) ** 2 < r**2) & (z > 3) & (z < 20)] = 2
+        label[((x - 12) ** 2 + (y - 22) ** 2 < 4) & (z > 2)] = 1
+        label[((x - 28) ** 2 + (y - 18) ** 2 < 6) & (z > 8)] = 3
+        label[((x - 20) ** 2 + (y - 30) ** 2 < 5) & (z < 22)] = 4
+        image = (label.astype(np.float32) * 100 - 500 + rng.normal(0, 20, shape)).astype(np.int16)
+        affine = np.diag([3.0, 3.0, 5.0, 1.0])
+        save_nifti(image, affine, out / "imagesTr" / f"c{i}.nii.gz")
+        save_nifti(label, affine, out / "labelsTr" / f"c{i}.nii.gz")
+        cases.append(
+            {"image": out / "imagesTr" / f"c{i}.nii.gz", "label": out / "labelsTr" / f"c{i}.nii.gz"}
+        )
+    return write_datalist(out / "datalist.json", cases, load_label_set("segthor"), "CT", "tiny")

@@ -1,0 +1,45 @@
+"""Cases for training: read a datalist, validate it up front, split off validation cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.datalist import datalist_label_set, read_datalist
+from common.errors import DataError
+from common.validate import format_report, validate_datalist
+
+
+def load_split(
+    datalist: str | Path, num_classes: int, val_cases: int = 1, validate: bool = True
+) -> dict[str, list[dict]]:
+    """``{"train": [...], "val": [...]}`` cases (absolute paths) of a datalist.
+
+    Validation cases come from the datalist's ``validation`` section, else the last
+    ``val_cases`` training cases. With ``validate`` every case is checked first (the same
+    checks as ``medgen3d validate``) so a bad case stops training at once, not after an hour.
+    """
+    if validate:
+        problems = validate_datalist(datalist)
+        if problems:
+            n = sum(len(read_datalist(datalist).get(s, [])) for s in ("training", "validation"))
+            raise DataError(str(datalist), format_report(problems, n), "fix the cases listed above")
+    doc = read_datalist(datalist)
+    label_set = datalist_label_set(doc, datalist)
+    if label_set.num_classes != num_classes:
+        raise DataError(
+            str(datalist),
+            f"label set {label_set.name!r} has {label_set.num_classes} classes "
+            f"({', '.join(label_set.names)}) but the config says num_classes={num_classes}",
+            "set num_classes in the config to match the datalist (or use the matching preset)",
+        )
+    train = list(doc.get("training", []))
+    val = list(doc.get("validation", []))
+    if not val and val_cases:
+        if len(train) <= val_cases:
+            raise DataError(
+                str(datalist),
+                f"{len(train)} training cases cannot spare {val_cases} for validation",
+                "add cases, or set val_cases to 0",
+            )
+        train, val = train[:-val_cases], train[-val_cases:]
+    return {"train": train, "val": val}

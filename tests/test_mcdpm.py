@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from common.diffusion import make_scheduler
+from common.mcdpm import (
+    MaskedMSELoss,
+    MCDPMPrepareBatch,
+    given_mask,
+    keep_single_components,
+    network_input,
+    sample_mask_volumes,
+)
+from common.nets import PositionalDiffusionUNet
+
+K, H, W, M = 3, 8, 8, 6
+
+
+def _batch(b=16):
+    labels = torch.randint(0, K, (b, H, W, M))
+    onehot = torch.nn.functional.one_hot(labels, K).movedim(-1, 1).float()
+    return {"label": onehot, "z": torch.arange(b) % 4}
+
+
+def _net(depth=12, m=4):
+    torch.manual_seed(0)
+    return PositionalDiffusionUNet(
+        spatial_dims=3,
+        in_channels=2 * K + 1,
+        out_channels=K,
+        channels=(8, 8),
+        attention_levels=(False, False),
+        num_res_blocks=1,
+        norm_num_groups=4,
+        num_class_embeds=depth - m + 1,
+    )
+
+
+@pytest.mark.parametrize("branch,first,last", [("forward", True, False), ("backward", False, True)])
+def test_prepare_batch_branches_keep_given_slices_clean(branch, first, last):
+    probs = {"forward": (1, 0, 0), "backward": (0, 1, 0)}[branch]
+    pb = MCDPMPrepareBatch(
+        make_scheduler("ddpm"),
+        n=2,
+        p_forward=probs[0],
+        p_backward=probs[1],
+        p_unconditional=probs[2],
+        p_extra_given=0.0,
+        seed=0,
+    )
+    batch = _batch()
+    inputs, targets, args, kwargs = pb(batch)
+    x0 = batch["label"] * 2 - 1
+    given = given_mask(branch, 2, M)
+    assert inputs.shape == (16, 2 * K + 1, H, W, M) and targets.shape == (16, K + 1, H, W, M)
+    torch.testing.assert_close(inputs[:, :K][..., given], x0[..., given])  # never noised
+    torch.testing.assert_close(inputs[:, K : 2 * K][..., given], x0[..., given])
+    assert (inputs[:, K : 2 * K][..., ~given] == 0).all()
+    assert (inputs[:, -1][..., given] == 1).all() and (inputs[:, -1][..., ~given] == 0).all()
+    assert (targets[:, -1][..., given] == 0).all() and (targets[:, -1][..., ~given] == 1).all()
+    assert not torch.allclose(inputs[:, :K][..., ~given], x0[..., ~given])
+    assert kwargs["timesteps"].shape == (16,) and torch.equal(kwargs["class_labels"], batch["z"])
+    assert given[0].item() is first and given[-1].item() is last
+
+
+def test_prepare_batch_branch_mix_and_extra_given():
+    pb = MCDPMPrepareBatch(
+        make_scheduler("ddpm"),
+        n=2,
+        p_forward=0.5,
+        p_backward=0.3,
+        p_unconditional=0.2,
+        p_extra_given=0.5,
+        seed=1,
+    )
+    given = pb.draw_given(4000, M)
+    fwd = given[:, 0] & ~given[:, -1]
+    bwd = given[:, -1] & ~given[:, 0]
+    none = ~given.any(1)
+    assert abs(fwd.float().mean() - 0.5) < 0.04 and abs(bwd.float().mean() - 0.3) < 0.04
+    assert abs(none.float().mean() - 0.2) < 0.04
+    counts = given.sum(1)[~none]
+    assert counts.min() == 2 and counts.max() == M - 1
+    assert abs((counts > 2).float().mean() - 0.5) < 0.05
+
+
+def test_rflow_target_is_velocity():
+    pb = MCDPMPrepareBatch(make_scheduler("rflow"), n=2, seed=0, p_extra_given=0.0)
+    batch = _batch(4)
+    inputs, targets, _, kw = pb(batch)
+    # x_t = (1 - t/T) x0 + t/T noise and target = x0 - noise  =>  x0 = x_t + t/T * target
+    t = kw["timesteps"].float()[:, None, None, None, None] / 1000
+    x0 = batch["label"] * 2 - 1
+    free = targets[:, -1:].bool().expand_as(x0)
+    rebuilt = inputs[:, :K] + t * targets[:, :K]
+    torch.testing.assert_close(rebuilt[free], x0[free], atol=1e-5, rtol=0)
+
+
+def test_masked_loss_ignores_given_slices():
+    pred, value = torch.zeros(2, K, H, W, M), torch.ones(2, K, H, W, M)
+    weight = torch.zeros(2, 1, H, W, M)
+    weight[..., 3:] = 1
+    value[..., :3] = 100.0  # huge error on given slices must not count
+    loss = MaskedMSELoss()(pred, torch.cat([value, weight], 1))
+    assert loss.item() == pytest.approx(1.0)
+
+
+def test_network_input_layout():
+    x_t, x0 = torch.randn(1, K, H, W, M), torch.randn(1, K, H, W, M)
+    given = given_mask("backward", 2, M)[None]
+    inp = network_input(x_t, x0, given)
+    torch.testing.assert_close(inp[:, :K, ..., :4], x_t[..., :4])
+    torch.testing.assert_close(inp[:, :K, ..., 4:], x0[..., 4:])
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "rflow"])
+def test_sampling_is_seeded_and_independent_of_batch(kind):
+    net = _net()
+    args = dict(
+        network=net,
+        scheduler=make_scheduler(kind),
+        num_classes=K,
+        spatial_size=(H, W, 12),
+        m=4,
+        n=2,
+        steps=3,
+    )
+    a = sample_mask_volumes(**args, seeds=[5, 6])
+    b = sample_mask_volumes(**args, seeds=[5, 6])
+    alone = sample_mask_volumes(**args, seeds=[6])
+    assert a.shape == (2, H, W, 12) and a.dtype == torch.long
+    assert torch.equal(a, b)
+    assert torch.equal(a[1], alone[0])
+    assert not torch.equal(a[0], a[1])
+
+
+def test_sampling_with_guidance_and_fixed_start():
+    net = _net()
+    out = sample_mask_volumes(
+        net, make_scheduler("ddim"), K, (H, W, 12), 4, 2, 2, seeds=[1], guidance=2.0, z0=[8]
+    )
+    assert out.shape == (1, H, W, 12) and int(out.max()) < K
+
+
+def test_keep_single_components():
+    labels = torch.zeros(6, 6, 6, dtype=torch.long)
+    labels[0:2, 0:2, 0:2] = 1
+    labels[3:6, 3:6, 3:6] = 1
+    labels[0, 5, 0] = 2
+    labels[5, 0, 5] = 2
+    out = keep_single_components(labels, [1])
+    assert (out == 1).sum() == 27 and (out[0:2, 0:2, 0:2] == 0).all()
+    assert (out == 2).sum() == 2  # not listed: untouched
