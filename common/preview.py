@@ -51,8 +51,9 @@ def _panels(case: PreviewCase, n_axial: int):
         for c, s in zip(np.nonzero(case.label), case.label.shape)
     ]
     for z in np.linspace(lo, hi, n_axial + 2)[1:-1].round().astype(int):
-        yield case.image[:, :, z].T, case.label[:, :, z].T, sy / sx, f"axial z={z}"
-    yield case.image[:, centre[1], :].T, case.label[:, centre[1], :].T, sz / sx, "coronal"
+        yield case.image[::-1, :, z].T, case.label[::-1, :, z].T, sy / sx, f"axial z={z}"
+    cor = (case.image[::-1, centre[1], :].T, case.label[::-1, centre[1], :].T)
+    yield *cor, sz / sx, "coronal"
     yield case.image[centre[0], :, :].T, case.label[centre[0], :, :].T, sz / sy, "sagittal"
 
 
@@ -62,7 +63,8 @@ def montage(
     """Write a PNG: one row per case, ``n_axial`` axial slices then coronal and sagittal.
 
     Image grey values are scaled by the case's 0.5-99.5 percentiles; labels are coloured
-    (background transparent). Patient left is on the image right (radiological view).
+    (background transparent). RAS arrays (+x = patient right) are shown in radiological view:
+    patient right on the image left, anterior up (axial), superior up (coronal, sagittal).
     """
     cols = n_axial + 2
     fig, axes = plt.subplots(

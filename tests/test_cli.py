@@ -1,0 +1,58 @@
+"""The medgen3d command line as a user runs it."""
+
+import gzip
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from common.cli import main
+
+CLI = [sys.executable, "-m", "common.cli"]
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_help_lists_every_command():
+    proc = run_cli("--help")
+    out = proc.stdout + proc.stderr
+    for command in ("demo", "demo-data", "import-dataset", "validate", "preview"):
+        assert command in out
+
+
+def test_brain_cohort_validates_and_corrupted_copy_is_rejected(tmp_path):
+    datalist = (
+        run_cli("demo-data", "--dataset", "brain", "--cases", "2", "--out", str(tmp_path / "brain"))
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    assert "all 2 cases valid" in run_cli("validate", "--datalist", datalist).stdout
+    png = tmp_path / "preview.png"
+    run_cli("preview", "--datalist", datalist, "--out", str(png), "--cases", "2")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "brain", bad)
+    label = bad / "labelsTr" / "brain_001.nii.gz"
+    label.write_bytes(label.read_bytes()[: label.stat().st_size // 2])  # truncated download
+    raw = gzip.decompress((bad / "imagesTr" / "brain_000.nii.gz").read_bytes())
+    before = {p: p.read_bytes() for p in bad.rglob("*.nii.gz")}
+    proc = run_cli("validate", "--datalist", str(bad / "datalist.json"), check=False)
+    assert proc.returncode == 1
+    assert "2 of 2 cases" not in proc.stderr and "1 of 2 cases have problems" in proc.stderr
+    assert "brain_001.nii.gz" in proc.stderr and "truncated" in proc.stderr
+    assert before == {p: p.read_bytes() for p in bad.rglob("*.nii.gz")}  # nothing changed
+    assert raw  # the image of case 0 is untouched and readable
+
+
+def test_unknown_dataset_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["demo-data", "--dataset", "liver"])
+    assert err.value.code == 2
+    assert "unknown demo dataset" in capsys.readouterr().err
