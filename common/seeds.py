@@ -6,5 +6,5 @@ import numpy as np
 
 
 def case_seed(seed: int, index: int) -> int:
-    """A 31-bit seed for case ``index`` of a run seeded with ``seed``."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0] >> 1)
+    """A 32-bit seed for case ``index`` of a run seeded with ``seed`` (any run size)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])

@@ -8,8 +8,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from common.datalist import datalist_label_set, datalist_modality, read_datalist
-from common.demo_data.brain import case_seed, make_brain_case, make_brain_cohort
+from common.demo_data.brain import make_brain_case, make_brain_cohort
 from common.io import read_json
+from common.seeds import case_seed
 
 SEED = 7
 

@@ -1,1 +1,1 @@
-"""Demo cohorts built from real data shipped with installed packages (no downloads)."""
+"""Demo cohorts made offline: thorax CT phantoms and brain MRI from the MNI152 template."""

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from common.datalist import write_datalist
 from common.io import save_nifti, write_json
 from common.labels import LabelSet, load_label_set
+from common.seeds import case_seed
 
 RESOLUTIONS = (1, 2)
 MARGIN_MM = 16.0  # room around the template's brain for the random affine and warp
@@ -182,11 +183,6 @@ def make_brain_case(seed: int, resolution: int = 2) -> tuple[np.ndarray, np.ndar
     labels = _clean_labels(_labels(_warp(template.mask, coords), tissue), resolution)
     image = _mri_contrast(rng, _warp(template.t1, coords), labels > 0)
     return image, labels, template.affine.copy()
-
-
-def case_seed(seed: int, index: int) -> int:
-    """The seed of case ``index`` of a cohort made with ``seed`` (independent of its size)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def make_brain_cohort(out_dir, n_cases: int, seed: int = 0, resolution: int = 2) -> Path:
