@@ -43,3 +43,21 @@ def load_split(
             )
         train, val = train[:-val_cases], train[-val_cases:]
     return {"train": train, "val": val}
+
+
+def split_datalist(
+    datalist: str | Path, n_first: int, first_out: str | Path, rest_out: str | Path
+) -> tuple[Path, Path]:
+    """Write the first ``n_first`` training cases and the rest as two datalists (same folder
+    conventions and label set); e.g. generator-training cases vs held-out real cases."""
+    from common.datalist import datalist_modality, write_datalist
+
+    doc = read_datalist(datalist)
+    cases = doc.get("training", [])
+    if not 0 < n_first < len(cases):
+        raise DataError(str(datalist), f"cannot split {len(cases)} cases at {n_first}", "")
+    label_set, modality = datalist_label_set(doc, datalist), datalist_modality(doc, datalist)
+    name = doc.get("name", "dataset")
+    first = write_datalist(first_out, cases[:n_first], label_set, modality, f"{name}_first")
+    rest = write_datalist(rest_out, cases[n_first:], label_set, modality, f"{name}_rest")
+    return first, rest
