@@ -1,0 +1,192 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common import image_metrics as im
+from common.errors import DataError
+from common.labels import load_label_set
+
+SEG = load_label_set("segthor")  # esophagus, heart, trachea, aorta
+CT = (-1000.0, 1000.0)
+SHAPE = (32, 32, 16)
+
+
+def _cases(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``n`` CT-like volumes ``(n, 1, 32, 32, 16)`` (body, heart disc, texture) and their labels.
+
+    ``shift`` (model units) is added inside the body: 0.1 = +100 HU.
+    """
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
+    body = (x - 16) ** 2 + (y - 16) ** 2 < 14**2
+    images, labels = [], []
+    for _ in range(n):
+        cx, cy, r = 16 + rng.integers(-3, 4), 16 + rng.integers(-3, 4), 6 + rng.integers(0, 3)
+        heart = ((x - cx) ** 2 + (y - cy) ** 2 < r**2) & (z > 2) & (z < 13)
+        trachea = ((x - 16) ** 2 + (y - 26) ** 2 < 4) & (z > 8)
+        texture = 0.05 * np.sin(x / 3 + rng.uniform(0, 6)) + 0.02 * rng.standard_normal(SHAPE)
+        image = np.where(body, -0.1 + shift, -1.0) + 0.1 * heart - 0.8 * trachea + texture * body
+        images.append(image.clip(-1, 1)[None].astype(np.float32))
+        labels.append((2 * heart + 3 * trachea).astype(np.uint8))
+    return np.stack(images), labels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: on a shared 2-core CPU, thread contention costs more than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def real():
+    return _cases(4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def extractor(real):
+    return im.train_slice_encoder(im._axial_slices(torch.as_tensor(real[0])), epochs=3, seed=0)
+
+
+def test_identical_sets_are_perfect_and_json_safe(real, extractor):
+    images, labels = real
+    r = im.evaluate_images(images, images.copy(), labels, labels, SEG, CT, extractor, paired=True)
+    p = r["paired_metrics"]
+    assert p["mae"] == [0.0] * 4 and p["mae_original_mean"] == 0.0
+    assert p["psnr"] == [im.PSNR_CAP_DB] * 4
+    assert p["ssim_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert r["fid"] == pytest.approx(0.0, abs=1e-6) and r["mmd"] == pytest.approx(0.0, abs=1e-9)
+    assert r["slices_gen"] == r["slices_real"] == 4 * SHAPE[2]
+    assert r["diversity_gen"] == r["diversity_real"]
+    heart = r["intensity"]["labels"]["heart"]
+    assert heart["median_diff"] == 0.0 and -100 < heart["median_real"] < 100
+    assert r["intensity"]["labels"]["aorta"]["median_gen"] is None
+    assert r["intensity"]["mean_abs_median_diff"] == 0.0
+    assert json.loads(json.dumps(r, allow_nan=False)) == r
+
+
+def test_shifted_intensity_is_farther_with_signed_median_difference(real, extractor):
+    images, labels = real
+    brighter, _ = _cases(4, seed=0, shift=0.2)  # +200 HU inside the body
+    same = im.fid_mmd(images, images, extractor)
+    shifted = im.fid_mmd(brighter, images, extractor)
+    assert shifted["fid"] > same["fid"] + 1e-3 and shifted["mmd"] > same["mmd"] + 1e-3
+    gen_stats = im.label_intensity_stats(brighter, labels, SEG, CT)
+    real_stats = im.label_intensity_stats(images, labels, SEG, CT)
+    up = im.intensity_agreement(gen_stats, real_stats)
+    assert up["labels"]["heart"]["median_diff"] == pytest.approx(200.0, abs=1.0)
+    assert up["mean_abs_median_diff"] > 150.0
+    down = im.intensity_agreement(real_stats, gen_stats)
+    assert down["labels"]["heart"]["median_diff"] == pytest.approx(-200.0, abs=1.0)
+
+
+def test_unpaired_evaluation_trains_its_own_encoder(real, extractor):
+    images, labels = real
+    other, other_labels = _cases(3, seed=1)
+    r = im.evaluate_images(other, images, other_labels, labels, SEG, CT, encoder_epochs=1)
+    assert r["paired_metrics"] is None and r["n_generated"] == 3 and r["n_real"] == 4
+    assert "1 epochs, seed 0" in r["feature_extractor"]
+    assert r["fid"] >= 0 and r["mmd"] > 0
+    json.dumps(r, allow_nan=False)
+    with pytest.raises(ValueError, match="equal sizes"):
+        im.evaluate_images(other, images, other_labels, labels, SEG, CT, extractor, paired=True)
+
+
+def test_diversity_is_one_for_copies_and_lower_for_different_volumes(real):
+    images, _ = real
+    copies = im.diversity(np.repeat(images[:1], 3, axis=0))
+    assert copies["ms_ssim"] == pytest.approx(1.0, abs=1e-6) and copies["pairs"] == 3
+    assert copies["scales"] == 3 and copies["kernel_size"] == 7
+    assert im.diversity(images)["ms_ssim"] < 0.99
+    assert im.diversity(images[:1])["ms_ssim"] is None
+
+
+@pytest.mark.parametrize(
+    "size, scales, kernel",
+    [(256, 5, 7), (128, 5, 7), (64, 4, 7), (32, 3, 7), (16, 2, 7), (5, 1, 5)],
+)
+def test_ms_ssim_settings_fit_the_slice_size(size, scales, kernel):
+    k, weights = im.ms_ssim_settings(size, size + 3)
+    assert (k, len(weights)) == (kernel, scales) and sum(weights) == pytest.approx(1.0)
+    x = torch.rand(2, 1, size, size + 3, 2) * 2 - 1
+    assert 0 <= im.diversity(x)["ms_ssim"] <= 1
+
+
+def test_small_depth_uses_a_smaller_ssim_window():
+    x = torch.rand(2, 1, 12, 12, 4) * 2 - 1
+    p = im.paired_metrics(x, x.flip(0), value_range=CT)
+    assert im._ssim_window((12, 12, 4)) == (7, 7, 3)
+    assert all(-1 <= s < 1 for s in p["ssim"]) and p["mae_original_mean"] > 0
+    with pytest.raises(ValueError, match="differ"):
+        im.paired_metrics(x, x[:1])
+
+
+def test_frechet_distance_and_mmd_on_known_features():
+    a = torch.randn(200, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert im.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)  # |mean shift|^2
+    assert im.mmd(a, a) == 0.0
+    assert im.mmd(a + 1.0, a) > im.mmd(a + 0.1, a) > 0
+    assert im.mmd(a, torch.zeros(5, 8)) > 0  # no distinct reference vectors: bandwidth 1
+    with pytest.raises(ValueError, match=">= 2"):
+        im.frechet_distance(a[:1], a)
+
+
+def test_encoder_training_is_deterministic_and_leaves_global_rng(real):
+    slices = im._axial_slices(torch.as_tensor(real[0][:2]))
+    state = torch.random.get_rng_state()
+    first, again = (im.train_slice_encoder(slices, epochs=1, seed=3) for _ in range(2))
+    other = im.train_slice_encoder(slices, epochs=1, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with torch.no_grad():
+        f1, f2, f3 = first(slices), again(slices), other(slices)
+    assert f1.shape == (len(slices), im.ENCODER_CHANNELS[-1])
+    torch.testing.assert_close(f1, f2)
+    assert not torch.allclose(f1, f3)
+    assert not any(p.requires_grad for p in first.parameters()) and not first.training
+
+
+def test_load_feature_extractor_state_dict_and_torchscript(tmp_path, real, extractor):
+    slices = im._axial_slices(torch.as_tensor(real[0]))[:8]
+    torch.save(extractor.state_dict(), tmp_path / "encoder.pt")
+    torch.jit.trace(extractor, slices).save(str(tmp_path / "encoder.ts"))
+    with torch.no_grad():
+        expected = extractor(slices)
+        for name in ("encoder.pt", "encoder.ts"):
+            torch.testing.assert_close(im.load_feature_extractor(tmp_path / name)(slices), expected)
+    (tmp_path / "junk.pt").write_text("not a model")
+    for bad in ("missing.pt", "junk.pt"):
+        with pytest.raises(DataError):
+            im.load_feature_extractor(tmp_path / bad)
+
+
+def test_spatial_feature_maps_are_pooled(real):
+    conv = torch.nn.Conv2d(1, 5, 3)
+    feats = im.slice_features(real[0], conv)
+    assert feats.shape == (4 * SHAPE[2], 5) and feats.dtype == torch.float64
+
+
+def test_markdown_table_and_report_round_trip(tmp_path, real, extractor):
+    images, labels = real
+    brighter, _ = _cases(4, seed=0, shift=0.1)
+    results = {
+        "Vid2Vid only": im.evaluate_images(brighter, images, labels, labels, SEG, CT, extractor),
+        "refined (MedGen3D)": im.evaluate_images(
+            images, images, labels, labels, SEG, CT, extractor, paired=True
+        ),
+    }
+    table = im.markdown_table(results)
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(results)
+    assert rows[1].startswith("| Vid2Vid only |") and "| – |" in rows[1]  # unpaired: no MAE
+    assert all(row.count(" | ") == len(im.TABLE_COLUMNS) - 1 for row in rows)
+    json_path, md_path = im.write_report(results, tmp_path / "report")
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(results, allow_nan=False))
+    assert md_path.read_text() == table
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "image_metrics.json",
+        "image_metrics.md",
+    ]
