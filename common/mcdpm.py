@@ -89,6 +89,13 @@ class MCDPMPrepareBatch(PrepareBatch):
         if seed is not None:
             self.generator.manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        """The generator state, so a resumed training draws what it would have drawn."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     def draw_given(self, batch: int, m: int) -> torch.Tensor:
         """``(B, m)`` bool: which slices each sample is given."""
         branches = torch.multinomial(self.probs.float(), batch, True, generator=self.generator)

@@ -1,0 +1,118 @@
+"""Resume after a kill, and a non-finite loss stops training with the weights intact."""
+
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from bundle_helpers import REPO, overrides
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+
+from common.training import FiniteLoss, GlobalRNG, ResumeCheckpoint
+
+BUNDLE = REPO / "bundles" / "mask_diffusion"
+
+
+def test_global_rng_round_trip(tmp_path):
+    rng = GlobalRNG()
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save(rng.state_dict(), tmp_path / "rng.pt")
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    rng.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    assert first[2] == second[2]
+
+
+def _trainer(loss, epochs=2):
+    net = torch.nn.Linear(2, 1)
+    data = [{"image": torch.ones(4, 2), "label": torch.zeros(4, 1)}] * 3
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=epochs,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=loss,
+        decollate=False,
+    )
+    return trainer, net
+
+
+def test_nan_loss_stops_before_the_weights_change():
+    trainer, net = _trainer(FiniteLoss(lambda p, t: (p - t).sum() * float("nan")))
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(FloatingPointError, match="stopped before the weights were changed"):
+        trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_resume_checkpoint_continues_from_last_epoch(tmp_path):
+    trainer, net = _trainer(torch.nn.MSELoss(), epochs=2)
+    ResumeCheckpoint(tmp_path, {"model": net, "optimizer": trainer.optimizer}).attach(trainer)
+    trainer.run()
+    trained = [p.clone() for p in net.parameters()]
+    again, net2 = _trainer(torch.nn.MSELoss(), epochs=3)
+    ResumeCheckpoint(tmp_path, {"model": net2, "optimizer": again.optimizer}).attach(again)
+    seen = []
+    again.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(e.state.epoch))
+    again.run()
+    assert seen == [3]  # epochs 1-2 were restored, only epoch 3 ran
+    assert not all(torch.equal(a, b) for a, b in zip(trained, net2.parameters()))
+
+
+def test_killed_bundle_training_resumes(tiny_segthor_datalist, tmp_path):
+    root = tmp_path / "bundle"
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.yaml','configs/demo.yaml']",
+        *overrides(
+            {
+                "dataset_dir": str(tiny_segthor_datalist.parent),
+                "bundle_root": str(root),
+                "spatial_size": [16, 16, 12],
+                "m": 4,
+                "unet_channels": [8, 8],
+                "unet_attention": [False, False],
+                "unet_norm_groups": 4,
+                "unet_head_channels": 8,
+                "val_interval": 100,
+                "batch_size": 3,
+            }
+        ),
+    ]
+    proc = subprocess.Popen(
+        [*args, "--max_epochs", "1000"],
+        cwd=BUNDLE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    resume = root / "models" / "resume.pt"
+    deadline = time.time() + 240
+    while not resume.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.kill()
+    proc.wait()
+    assert resume.exists(), "no resume checkpoint was written"
+    engine = torch.load(resume, weights_only=True)["engine"]
+    epoch = engine["iteration"] // engine["epoch_length"]
+    out = subprocess.run(
+        [*args, "--max_epochs", str(epoch + 1)],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {resume} at epoch {epoch}" in out.stdout + out.stderr
+    assert (root / "models" / "model.pt").exists()
