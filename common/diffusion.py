@@ -1,9 +1,11 @@
 """Diffusion training targets and sampling loops over MONAI schedulers.
 
 A scheduler knows noise and steps, a model knows nothing of sampling; these functions
-compose them. ``kind`` is ``ddpm`` or ``ddim`` (both train to predict the noise, so a
-DDPM-trained model samples with either) or ``rflow`` (rectified flow, predicts velocity).
-Tensors are ``(B, C, *spatial)``.
+compose them. ``kind`` is ``ddpm`` or ``ddim`` (same training; a model trained with one
+samples with the other) or ``rflow`` (rectified flow, predicts ``x0 - noise``). DDPM/DDIM
+models predict ``prediction_type``: ``v_prediction`` (default: well behaved with few steps
+and at high noise), ``epsilon`` (the noise) or ``sample`` (x0). Data lives in [-1, 1], so
+DDPM/DDIM clip their x0 estimate to that range. Tensors are ``(B, C, *spatial)``.
 """
 
 from __future__ import annotations
@@ -19,21 +21,26 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_scheduler(
-    kind: str, num_train_timesteps: int = 1000, schedule: str = "linear_beta", **kwargs
+    kind: str,
+    num_train_timesteps: int = 1000,
+    schedule: str = "linear_beta",
+    prediction_type: str = "v_prediction",
+    **kwargs,
 ) -> Scheduler:
     """A MONAI scheduler: DDPMScheduler, DDIMScheduler or RFlowScheduler."""
-    if kind == "ddpm":
-        return DDPMScheduler(num_train_timesteps, schedule=schedule, clip_sample=False, **kwargs)
-    if kind == "ddim":
-        return DDIMScheduler(num_train_timesteps, schedule=schedule, clip_sample=False, **kwargs)
+    if kind in ("ddpm", "ddim"):
+        cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
+        return cls(
+            num_train_timesteps, schedule=schedule, prediction_type=prediction_type, **kwargs
+        )
     if kind == "rflow":
         return RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True, **kwargs)
     raise ValueError(f"scheduler kind must be one of {KINDS}, got {kind!r}")
 
 
 def objective(scheduler: Scheduler) -> str:
-    """``velocity`` for rectified flow, else ``noise``: what the model learns to predict."""
-    return "velocity" if isinstance(scheduler, RFlowScheduler) else "noise"
+    """What the model learns: ``velocity`` (rectified flow) or the scheduler's prediction type."""
+    return "velocity" if isinstance(scheduler, RFlowScheduler) else scheduler.prediction_type
 
 
 def noisy_and_target(
@@ -44,8 +51,17 @@ def noisy_and_target(
     n = scheduler.num_train_timesteps
     t = torch.randint(0, n, (x0.shape[0],), generator=generator, device=x0.device).long()
     x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-    target = x0 - noise if objective(scheduler) == "velocity" else noise
-    return x_t, target, t
+    return x_t, _target(scheduler, x0, noise, t), t
+
+
+def _target(scheduler: Scheduler, x0, noise, t) -> torch.Tensor:
+    """The regression target for ``x_t`` made from ``x0`` and ``noise`` at ``t``."""
+    kind = objective(scheduler)
+    if kind == "velocity":
+        return x0 - noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0 if kind == "sample" else noise
 
 
 def _step_pairs(scheduler: Scheduler, steps: int, device, start: int | None):
