@@ -93,6 +93,35 @@ def preview(datalist: str, out: str, cases: int = 3) -> str:
     return str(preview_datalist(datalist, out, cases=cases))
 
 
+def seg_study(
+    real: str,
+    synthetic: str | None = None,
+    networks: str = "unet3d",
+    regimes: str = "E2-1,E2-2,E2-3,E2-4,E2-5",
+    out: str = "outputs/seg_study",
+    preset: str = "demo",
+    **options,
+) -> str:
+    """Does synthetic data help segmentation? Train and test networks on real, synthetic and
+    mixed data (MedGen3D E2-1..E2-5, E3 transfer) and write results.md/csv/json to OUT.
+
+    Args:
+        real: datalist of real cases (split, seeded, into train / validation / held-out test).
+        synthetic: datalist of synthetic pairs (e.g. from `medgen3d generate`).
+        networks: comma-separated: unet2d, unet3d, unetr, swinunetr.
+        regimes: comma-separated: E2-1 real, E2-2 synthetic, E2-3 real+synthetic,
+            E2-4 synthetic then real, E2-5 real+synthetic then real, E3 transfer.
+        out: output folder; finished stages are kept on a rerun.
+        preset: the seg_downstream bundle preset (demo or paper).
+        options: test_cases, val_cases, synthetic_ratio, transfer, transfer_cases, seed,
+            max_epochs, finetune_epochs (default: the preset's values).
+    Returns the markdown tables.
+    """
+    from common.seg_study import seg_study as run_study
+
+    return run_study(real, synthetic, networks, regimes, out, preset, **options)
+
+
 def demo(dataset: str = "thorax", out: str = "outputs/demo", cases: int = 8, seed: int = 0) -> str:
     """The main job: make the demo cohort, validate it and write a preview montage.
 
@@ -116,6 +145,7 @@ COMMANDS = {
     "import-dataset": import_dataset,
     "validate": validate,
     "preview": preview,
+    "seg-study": seg_study,
 }
 
 

@@ -1,0 +1,235 @@
+"""Regime assembly, networks, checkpoint starts and metrics of the downstream segmentation study."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.metrics import DiceMetric
+
+from common.errors import DataError
+from common.io import save_nifti
+from common.seg_metrics import HausdorffDistance95, markdown_table, summarise
+from common.seg_study import (
+    E2_REGIMES,
+    Stage,
+    image_cases,
+    make_network,
+    pick_synthetic,
+    plan_stages,
+    regime_dataset,
+    regime_stages,
+    split_cases,
+    stage_cases,
+    start_from,
+)
+
+REAL = [{"image": f"r{i}.nii.gz", "label": f"r{i}_lab.nii.gz"} for i in range(16)]
+SYNTHETIC = [{"image": f"s{i}.nii.gz", "label": f"s{i}_lab.nii.gz"} for i in range(30)]
+TINY_SIZES = {
+    "unet2d": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+    "unet3d": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+    "unetr": {"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},
+    "swinunetr": {
+        "feature_size": 12,
+        "depths": [1, 1, 1, 1],
+        "num_heads": [3, 3, 3, 3],
+        "norm_name": ["group", {"num_groups": 4}],
+    },
+}
+
+
+def images(cases):
+    return [c["image"] for c in cases]
+
+
+# ---------------------------------------------------------------- splits and pools
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    split = split_cases(REAL, test_cases=4, val_cases=2, seed=0)
+    assert [len(split[k]) for k in ("test", "val", "train")] == [4, 2, 10]
+    parts = [set(images(split[k])) for k in ("test", "val", "train")]
+    assert set.union(*parts) == set(images(REAL)) and sum(map(len, parts)) == 16
+    assert split_cases(REAL, 4, 2, seed=0) == split
+    assert images(split_cases(REAL, 4, 2, seed=1)["test"]) != images(split["test"])
+
+
+def test_split_needs_enough_cases():
+    with pytest.raises(DataError, match="add cases or lower test_cases"):
+        split_cases(REAL[:5], test_cases=4, val_cases=1, seed=0)
+
+
+def test_synthetic_draw_follows_the_ratio():
+    picked = pick_synthetic(SYNTHETIC, n_real=10, ratio=1.5, seed=0)
+    assert len(picked) == 15 and len(set(images(picked))) == 15
+    assert set(images(picked)) <= set(images(SYNTHETIC))
+    assert pick_synthetic(SYNTHETIC, 10, 1.5, seed=0) == picked
+    with pytest.raises(DataError, match="needs 40 synthetic cases, the datalist has 30"):
+        pick_synthetic(SYNTHETIC, n_real=10, ratio=4.0, seed=0)
+
+
+# ---------------------------------------------------------------- regimes
+
+
+def test_regimes_train_on_the_right_cases_in_order():
+    pools = {"real": REAL[:3], "synthetic": SYNTHETIC[:2], "transfer": REAL[10:12]}
+    cases = {r: images(stage_cases(regime_stages(r)[0], pools)) for r in E2_REGIMES}
+    real, syn = images(REAL[:3]), images(SYNTHETIC[:2])
+    assert cases == {"E2-1": real, "E2-2": syn, "E2-3": real + syn, "E2-4": syn, "E2-5": real + syn}
+    for regime in ("E2-4", "E2-5"):  # the fine-tuning stage sees real cases only
+        assert images(stage_cases(regime_stages(regime)[-1], pools)) == real
+    assert images(stage_cases(regime_stages("E3-E2-5")[-1], pools)) == images(REAL[10:12])
+
+
+def test_fine_tuning_starts_from_the_right_checkpoint():
+    assert regime_stages("E2-1") == [Stage("E2-1", ("real",))]
+    assert regime_stages("E2-4") == [
+        Stage("E2-2", ("synthetic",)),
+        Stage("E2-4", ("real",), init="E2-2", finetune=True),
+    ]
+    assert regime_stages("E2-5") == [
+        Stage("E2-3", ("real", "synthetic")),
+        Stage("E2-5", ("real",), init="E2-3", finetune=True),
+    ]
+    transfer = regime_stages("E3-E2-5")
+    assert [s.name for s in transfer] == ["E2-3", "E2-5", "E3-E2-5"]
+    assert transfer[-1] == Stage("E3-E2-5", ("transfer",), init="E2-5", finetune=True)
+    assert regime_stages("E3-scratch") == [Stage("E3-scratch", ("transfer",))]
+    assert regime_dataset("E3-E2-5") == "transfer" and regime_dataset("E2-5") == "real"
+    with pytest.raises(DataError, match="unknown regime 'E2-9'"):
+        regime_stages("E2-9")
+
+
+def test_plan_trains_shared_stages_once_and_parents_first():
+    plan = plan_stages(list(E2_REGIMES))
+    assert [s.name for s in plan] == ["E2-1", "E2-2", "E2-3", "E2-4", "E2-5"]
+    plan = plan_stages(["E2-5", "E2-4", "E2-3"])
+    names = [s.name for s in plan]
+    assert names == ["E2-3", "E2-5", "E2-2", "E2-4"]
+    assert all(names.index(s.init) < names.index(s.name) for s in plan if s.init)
+
+
+# ---------------------------------------------------------------- networks and checkpoints
+
+
+@pytest.mark.parametrize("name", ["unet2d", "unet3d", "unetr", "swinunetr"])
+def test_networks_map_a_volume_to_class_logits(name):
+    size = [32, 32, 32] if name == "swinunetr" else [16, 16, 16]
+    net = make_network(name, num_classes=3, spatial_size=size, sizes=TINY_SIZES[name]).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, *size))
+    assert out.shape == (1, 3, *size)
+
+
+def test_unet2d_segments_slice_by_slice_and_scripts():
+    net = make_network("unet2d", 3, [16, 16, 8], TINY_SIZES["unet2d"]).eval()
+    x = torch.randn(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        out = net(x)
+        one_slice = net.net(x[..., 5])  # (2, 3, 16, 16): the 2D UNet on axial slice 5
+        scripted = torch.jit.script(net)(x)
+    assert torch.allclose(out[..., 5], one_slice, atol=1e-5)
+    assert torch.allclose(scripted, out, atol=1e-5)
+
+
+def test_network_size_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        make_network("unetr", 3, [24, 24, 24], TINY_SIZES["unetr"])
+    with pytest.raises(ValueError, match="norm_name"):
+        make_network("swinunetr", 3, [32, 32, 32], {"feature_size": 12})
+    with pytest.raises(ValueError, match="unknown network 'vnet'"):
+        make_network("vnet", 3, [32, 32, 32])
+    with pytest.raises(ValueError, match="network_sizes#unet3d"):
+        make_network("unet3d", 3, [16, 16, 16], {"channels": [4, 8], "strides": [2], "depth": 3})
+
+
+def test_start_from_loads_all_but_a_new_output_head(tmp_path):
+    source = make_network("unet3d", 5, [16, 16, 16], TINY_SIZES["unet3d"])
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    same = start_from(
+        make_network("unet3d", 5, [16, 16, 16], TINY_SIZES["unet3d"]), tmp_path / "model.pt"
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(same.state_dict().values(), source.state_dict().values())
+    )
+    other = start_from(
+        make_network("unet3d", 3, [16, 16, 16], TINY_SIZES["unet3d"]), tmp_path / "model.pt"
+    )
+    kept = [k for k, v in other.state_dict().items() if torch.equal(v, source.state_dict()[k])]
+    assert 0 < len(kept) < len(source.state_dict())
+    with pytest.raises(DataError, match="no tensor of this checkpoint fits"):
+        start_from(
+            make_network("unetr", 5, [16, 16, 16], TINY_SIZES["unetr"]), tmp_path / "model.pt"
+        )
+    with pytest.raises(DataError, match="not found"):
+        start_from(same, tmp_path / "missing.pt")
+
+
+def test_image_cases_reads_a_folder_or_explains(tmp_path):
+    save_nifti(np.zeros((4, 4, 4), np.float32), np.eye(4), tmp_path / "b.nii.gz")
+    save_nifti(np.zeros((4, 4, 4), np.float32), np.eye(4), tmp_path / "a.nii.gz")
+    assert [c["image"] for c in image_cases(tmp_path)] == [
+        str(tmp_path / "a.nii.gz"),
+        str(tmp_path / "b.nii.gz"),
+    ]
+    with pytest.raises(DataError, match="holds no images"):
+        image_cases(tmp_path / "nothing_here")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def onehot(labels: np.ndarray, num_classes: int, spacing=(1.0, 1.0, 1.0)) -> MetaTensor:
+    """``(H, W, D)`` labels -> ``(1, K, H, W, D)`` one-hot MetaTensor with a diagonal affine."""
+    x = torch.nn.functional.one_hot(torch.as_tensor(labels).long(), num_classes)
+    return MetaTensor(
+        x.permute(3, 0, 1, 2)[None].float(), affine=torch.diag(torch.tensor([*spacing, 1.0]))
+    )
+
+
+def cube_labels(shift: int = 0) -> np.ndarray:
+    labels = np.zeros((20, 20, 20), np.int64)
+    labels[4 + shift : 12 + shift, 4:12, 4:12] = 1
+    labels[14:18, 14:18, 14:18] = 2
+    return labels
+
+
+def test_identical_masks_give_dice_one_and_hd95_zero():
+    y = onehot(cube_labels(), 3, spacing=(2.0, 2.0, 3.0))
+    dice = DiceMetric(include_background=False, reduction="none")(y, y)
+    hd95 = HausdorffDistance95(reduction="none")(y, y)
+    assert torch.allclose(dice, torch.ones(1, 2)) and torch.allclose(hd95, torch.zeros(1, 2))
+
+
+def test_hd95_is_in_millimetres_from_the_label_affine():
+    truth = onehot(cube_labels(), 3, spacing=(3.0, 1.0, 1.0))
+    shifted = onehot(cube_labels(shift=2), 3, spacing=(3.0, 1.0, 1.0))
+    hd95 = HausdorffDistance95(reduction="none")(shifted, truth)
+    assert hd95[0, 0].item() == pytest.approx(6.0)  # 2 voxels of 3 mm
+    assert hd95[0, 1].item() == pytest.approx(0.0)
+
+
+def test_summary_averages_labels_and_skips_missing_ones():
+    details = {
+        "dice": torch.tensor([[1.0, 0.5], [0.0, float("nan")]]),
+        "hd95": torch.tensor([[0.0, 4.0], [float("inf"), float("nan")]]),
+    }
+    summary = summarise(details, ["background", "heart", "aorta"])
+    assert summary["n_cases"] == 2
+    assert summary["dice"] == {"mean": 0.5, "heart": 0.5, "aorta": 0.5}
+    assert summary["hd95"] == {"mean": 2.0, "heart": 0.0, "aorta": 4.0}
+    all_missing = summarise({"hd95": torch.tensor([[float("nan")]])}, ["background", "x"])
+    assert math.isnan(all_missing["hd95"]["mean"])
+
+
+def test_table_has_regimes_as_rows_and_networks_as_columns():
+    cells = {("E2-1", "unet3d"): 0.8734, ("E2-2", "unet3d"): 0.846, ("E2-1", "unetr"): math.nan}
+    table = markdown_table(cells, ["E2-1", "E2-2"], ["unet3d", "unetr"])
+    assert table.splitlines() == [
+        "| | unet3d | unetr |",
+        "|---|---|---|",
+        "| E2-1 | 0.873 | - |",
+        "| E2-2 | 0.846 | - |",
+    ]
