@@ -66,3 +66,17 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    with atomic_path(tmp_path / "x.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+
+
+def _current_umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
