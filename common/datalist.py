@@ -19,6 +19,7 @@ from common.io import read_json, write_json
 from common.labels import LabelSet
 
 MODALITIES = ("CT", "MRI")
+PATH_KEYS = ("image", "label", "image_sequence")  # entry keys that hold file paths
 SECTIONS = ("training", "validation", "test")
 
 
@@ -40,7 +41,7 @@ def write_datalist(
     def rel(p):
         return os.path.relpath(Path(p).absolute(), base) if isinstance(p, (str, Path)) else p
 
-    entries = [{k: rel(v) if k in ("image", "label") else v for k, v in c.items()} for c in cases]
+    entries = [{k: rel(v) if k in PATH_KEYS else v for k, v in c.items()} for c in cases]
     doc = {"name": name, "modality": {"0": modality}, **label_set.to_dict(), **extra}
     doc[section] = entries
     doc[f"num{section.capitalize()}"] = len(entries)
@@ -63,7 +64,7 @@ def read_datalist(path: str | Path) -> dict:
                     f"{section}[{i}] is not an object",
                     'use {"image": ..., "label": ...}',
                 )
-            for key in ("image", "label"):
+            for key in PATH_KEYS:
                 if case.get(key):
                     case[key] = os.path.normpath(path.parent / case[key])
     return doc
