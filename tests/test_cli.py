@@ -22,7 +22,7 @@ def run_cli(*args, check=True):
 def test_help_lists_every_command():
     proc = run_cli("--help")
     out = proc.stdout + proc.stderr
-    for command in ("demo", "demo-data", "import-dataset", "validate", "preview"):
+    for command in ("demo", "demo-data", "import-dataset", "validate", "preview", "generate"):
         assert command in out
 
 
