@@ -6,7 +6,7 @@ from pathlib import Path
 
 from common.datalist import datalist_label_set, read_datalist
 from common.errors import DataError
-from common.validate import format_report, validate_datalist
+from common.validate import require_valid
 
 
 def load_split(
@@ -19,10 +19,7 @@ def load_split(
     checks as ``medgen3d validate``) so a bad case stops training at once, not after an hour.
     """
     if validate:
-        problems = validate_datalist(datalist)
-        if problems:
-            n = sum(len(read_datalist(datalist).get(s, [])) for s in ("training", "validation"))
-            raise DataError(str(datalist), format_report(problems, n), "fix the cases listed above")
+        require_valid(datalist)
     doc = read_datalist(datalist)
     label_set = datalist_label_set(doc, datalist)
     if label_set.num_classes != num_classes:

@@ -38,7 +38,7 @@ from common.datalist import SECTIONS, datalist_label_set, datalist_modality, rea
 from common.errors import DataError
 from common.io import atomic_path, read_json, write_json
 from common.seg_metrics import markdown_table
-from common.validate import format_report, validate_datalist
+from common.validate import require_valid
 
 NETWORKS = ("unet2d", "unet3d", "unetr", "swinunetr")
 REGIMES = {
@@ -350,11 +350,9 @@ def _names(value: str | Sequence[str]) -> list[str]:
 
 def _dataset(path: str | Path) -> dict:
     """Validate a datalist of paired cases; its cases, label set and modality."""
-    problems = validate_datalist(path)
+    require_valid(path)
     doc = read_datalist(path)
     cases = [c for s in ("training", "validation") for c in doc.get(s, [])]
-    if problems:
-        raise DataError(str(path), format_report(problems, len(cases)), "fix the cases listed")
     if not cases or not all(c.get("image") and c.get("label") for c in cases):
         raise DataError(
             str(path),

@@ -293,3 +293,12 @@ def format_report(problems: list[DataError], n_cases: int) -> str:
     )
     lines = [f"  [{p.case}] {p}" if getattr(p, "case", None) else f"  {p}" for p in problems]
     return "\n".join([head, *lines])
+
+
+def require_valid(path: str | Path) -> None:
+    """Raise one DataError listing every problem of a datalist (``medgen3d validate``'s
+    checks); training and studies call it first so a bad case stops them at once."""
+    problems = validate_datalist(path)
+    if problems:
+        report = format_report(problems, count_cases(path))
+        raise DataError(str(path), report, "fix the cases listed above")
