@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 from tqdm import tqdm
 
@@ -144,3 +145,32 @@ def guided(model_cond: ModelFn, model_uncond: ModelFn, scale: float) -> ModelFn:
         return u + scale * (model_cond(x, t) - u)
 
     return fn
+
+
+class SeededPrepareBatch(PrepareBatch):
+    """Base of the diffusion prepare-batches: a seeded generator for every random draw.
+
+    ``reseed_every_batch`` makes validation draw the same noise each time; ``state_dict``
+    lets a resumed training draw what it would have drawn. Subclasses call
+    ``start_batch()`` first and ``to_device`` on what they return.
+    """
+
+    def __init__(self, seed: int | None = None, reseed_every_batch: bool = False):
+        self.seed, self.reseed = seed, reseed_every_batch
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def start_batch(self) -> None:
+        if self.reseed and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+
+    @staticmethod
+    def to_device(x: torch.Tensor, device=None, non_blocking: bool = False, **kwargs):
+        return x.to(device=device, non_blocking=non_blocking, **kwargs)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

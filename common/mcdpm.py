@@ -15,13 +15,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import Scheduler
 from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from common.diffusion import guided, noisy_and_target, sample
+from common.diffusion import SeededPrepareBatch, guided, noisy_and_target, sample
 from common.sequences import extension_plan
 
 BRANCHES = ("forward", "backward", "unconditional")
@@ -59,7 +58,7 @@ class MaskedMSELoss(nn.Module):
         return err / (weight.sum() * value.shape[1]).clamp_min(1.0)
 
 
-class MCDPMPrepareBatch(PrepareBatch):
+class MCDPMPrepareBatch(SeededPrepareBatch):
     """Builds MC-DPM training inputs from a batch ``{"label": (B, K, H, W, m) one-hot, "z": (B,)}``.
 
     Per sample a branch is drawn with probabilities ``p_forward, p_backward,
@@ -83,18 +82,9 @@ class MCDPMPrepareBatch(PrepareBatch):
         probs = torch.tensor([p_forward, p_backward, p_unconditional], dtype=torch.float64)
         if (probs < 0).any() or probs.sum() <= 0:
             raise ValueError(f"branch probabilities must be >= 0 with a positive sum, got {probs}")
+        super().__init__(seed, reseed_every_batch)
         self.scheduler, self.n, self.probs = scheduler, int(n), probs / probs.sum()
-        self.p_extra_given, self.seed, self.reseed = float(p_extra_given), seed, reseed_every_batch
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
-
-    def state_dict(self) -> dict:
-        """The generator state, so a resumed training draws what it would have drawn."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.p_extra_given = float(p_extra_given)
 
     def draw_given(self, batch: int, m: int) -> torch.Tensor:
         """``(B, m)`` bool: which slices each sample is given."""
@@ -107,8 +97,7 @@ class MCDPMPrepareBatch(PrepareBatch):
         )
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        if self.reseed and self.seed is not None:
-            self.generator.manual_seed(self.seed)
+        self.start_batch()
         x0 = batchdata["label"].float() * 2.0 - 1.0
         z = batchdata["z"].long().reshape(-1)
         given = self.draw_given(x0.shape[0], x0.shape[-1])
@@ -118,7 +107,7 @@ class MCDPMPrepareBatch(PrepareBatch):
         targets = torch.cat([target, weight], 1)
 
         def move(x):
-            return x.to(device=device, non_blocking=non_blocking, **kwargs)
+            return self.to_device(x, device, non_blocking, **kwargs)
 
         return move(inputs), move(targets), (), {"timesteps": move(t), "class_labels": move(z)}
 

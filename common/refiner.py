@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.engines.utils import PrepareBatch
 from monai.networks.nets import SPADEDiffusionModelUNet
 from monai.networks.schedulers import Scheduler
 from monai.transforms import MapTransform, Randomizable
 from torch import nn
 from tqdm import tqdm
 
-from common.diffusion import ModelFn, noise_to, noisy_and_target, sample
+from common.diffusion import ModelFn, SeededPrepareBatch, noise_to, noisy_and_target, sample
 from common.io import load_weights
 from common.seeds import case_seed
 
@@ -126,7 +125,7 @@ class SemanticDiffusionUNet(SPADEDiffusionModelUNet):
         return super().forward(x, t, seg=seg, **kwargs)
 
 
-class SDMPrepareBatch(PrepareBatch):
+class SDMPrepareBatch(SeededPrepareBatch):
     """Noised slices for SupervisedTrainer from ``{"image": (B, 1, a, b), "label": (B, K, a, b)}``.
 
     ``image`` in [-1, 1], ``label`` one-hot {0, 1}. With probability ``condition_dropout`` a
@@ -144,15 +143,11 @@ class SDMPrepareBatch(PrepareBatch):
     ):
         if not 0.0 <= condition_dropout <= 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1], got {condition_dropout}")
+        super().__init__(seed, reseed_every_batch)
         self.scheduler, self.condition_dropout = scheduler, float(condition_dropout)
-        self.seed, self.reseed = seed, reseed_every_batch
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        if self.reseed and self.seed is not None:
-            self.generator.manual_seed(self.seed)
+        self.start_batch()
         x0 = _plain(batchdata["image"]).float()
         seg = _plain(batchdata["label"]).float()
         drop = torch.rand(x0.shape[0], generator=self.generator) < self.condition_dropout
@@ -160,7 +155,7 @@ class SDMPrepareBatch(PrepareBatch):
         x_t, target, t = noisy_and_target(self.scheduler, x0, generator=self.generator)
 
         def move(x):
-            return x.to(device=device, non_blocking=non_blocking, **kwargs)
+            return self.to_device(x, device, non_blocking, **kwargs)
 
         return move(x_t), move(target), (), {"timesteps": move(t), "seg": move(seg)}
 
