@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import fire
 
@@ -155,21 +154,76 @@ def generate(
     return f"{path}\ntook {time.time() - start:.0f} s"
 
 
-def demo(dataset: str = "thorax", out: str = "outputs/demo", cases: int = 8, seed: int = 0) -> str:
-    """The main job: make the demo cohort, validate it and write a preview montage.
+def demo(
+    dataset: str = "thorax",
+    out: str = "outputs/demo",
+    train: bool = False,
+    n: int = 8,
+    seed: int = 0,
+    **options,
+) -> str:
+    """The main job: demo cohort -> paired generation -> evaluation -> segmentation study ->
+    OUT/report.md with tables, timings and figures.
 
     Args:
-        dataset: ``thorax`` or ``brain``.
-        out: output folder.
-        cases: cohort size.
-        seed: cohort seed.
+        dataset: ``thorax`` (shipped weights, minutes) or ``brain`` (needs --train).
+        out: output folder; a rerun keeps finished volumes and study stages.
+        train: first retrain every generator stage with the demo preset (about 80 min on
+            2 CPU cores for the thorax).
+        n: synthetic pairs to generate.
+        seed: cohort and generation seed.
+        options: cases, heldout, sampler, steps, epochs (generator training), seg_epochs.
+    Returns the path of the report.
     """
+    from common.demo import run_demo
+
     start = time.time()
-    out_dir = Path(out)
-    datalist = demo_data(dataset, cases=cases, seed=seed, out=str(out_dir / f"{dataset}_cohort"))
-    print(validate(datalist))
-    png = preview(datalist, str(out_dir / f"{dataset}_preview.png"))
-    return f"datalist: {datalist}\npreview: {png}\ntook {time.time() - start:.0f} s"
+    report = run_demo(dataset, out, train=train, n=n, seed=seed, **options)
+    return f"report: {report}\ntook {time.time() - start:.0f} s"
+
+
+def train(stage: str, preset: str = "demo", out: str | None = None, **overrides) -> str:
+    """Train one stage with its bundle's own config (the command is printed first).
+
+    Args:
+        stage: masks (mask_diffusion), generator / refiner (image_synthesis; refiner takes
+            --view axial|coronal|sagittal) or seg (seg_downstream).
+        preset: demo, demo_brain, paper or a YAML file merged over the train config.
+        out: checkpoints go to OUT/models, logs to OUT/runs (default outputs/train/STAGE).
+        overrides: any config key, e.g. --dataset_dir data/x --datalist data/x/train.json
+            --max_epochs 10.
+    """
+    from common.bundles import TRAIN_STAGES, run_stage, train_overrides
+
+    return run_stage(TRAIN_STAGES, stage, preset, train_overrides(stage, out, overrides))
+
+
+def evaluate(stage: str, preset: str = "demo", **overrides) -> str:
+    """Run one bundle's evaluation config (the command is printed first).
+
+    Args:
+        stage: masks (--generated_datalist G --datalist REAL), images (--mask_datalist M;
+            after `export_real`) or seg (--ckpt_path C --datalist D with a test section).
+        preset: demo, demo_brain, paper or a YAML file.
+        overrides: any config key of that bundle.
+    """
+    from common.bundles import EVALUATE_STAGES, run_stage
+
+    return run_stage(EVALUATE_STAGES, stage, preset, overrides)
+
+
+def export(bundle: str, out: str = "outputs/export") -> str:
+    """Write OUT/BUNDLE/ and OUT/BUNDLE.zip: a self-contained bundle (configs, models, docs,
+    LICENSE, a copy of common/) that runs with `python -m monai.bundle run` anywhere.
+
+    Args:
+        bundle: mask_diffusion, image_synthesis or seg_downstream.
+        out: output folder.
+    """
+    from common.bundles import export_bundle
+
+    folder, archive = export_bundle(bundle, out)
+    return f"{folder}\n{archive}"
 
 
 COMMANDS = {
@@ -180,6 +234,9 @@ COMMANDS = {
     "preview": preview,
     "seg-study": seg_study,
     "generate": generate,
+    "train": train,
+    "evaluate": evaluate,
+    "export": export,
 }
 
 

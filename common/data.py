@@ -6,20 +6,25 @@ from pathlib import Path
 
 from common.datalist import datalist_label_set, read_datalist
 from common.errors import DataError
-from common.validate import require_valid
+from common.validate import MAX_VOXELS, require_valid
 
 
 def load_split(
-    datalist: str | Path, num_classes: int, val_cases: int = 1, validate: bool = True
+    datalist: str | Path,
+    num_classes: int,
+    val_cases: int = 1,
+    validate: bool = True,
+    max_voxels: int = MAX_VOXELS,
 ) -> dict[str, list[dict]]:
     """``{"train": [...], "val": [...]}`` cases (absolute paths) of a datalist.
 
     Validation cases come from the datalist's ``validation`` section, else the last
     ``val_cases`` training cases. With ``validate`` every case is checked first (the same
-    checks as ``medgen3d validate``) so a bad case stops training at once, not after an hour.
+    checks as ``medgen3d validate``) so a bad case stops training at once, not after an hour;
+    a volume over ``max_voxels`` (the memory budget) is refused from its header alone.
     """
     if validate:
-        require_valid(datalist)
+        require_valid(datalist, max_voxels)
     doc = read_datalist(datalist)
     label_set = datalist_label_set(doc, datalist)
     if label_set.num_classes != num_classes:

@@ -17,6 +17,8 @@ from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 from tqdm import tqdm
 
+from common.distributed import rank_seed
+
 KINDS = ("ddpm", "ddim", "rflow")
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -83,6 +85,7 @@ def sample(
     start: int | None = None,
     fix_known: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     progress: bool = False,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """Run the reverse process from ``x`` (pure noise, or ``x_start`` when ``start`` is set).
 
@@ -97,6 +100,7 @@ def sample(
         fix_known: ``(x, t) -> x`` applied before every model call, e.g. to keep given
             slices clean (inpainting).
         progress: show a progress bar.
+        eta: DDIM only: 0 deterministic, 1 as much fresh noise per step as DDPM.
     Returns the denoised sample, same shape as ``x``.
     """
     pairs = _step_pairs(scheduler, steps, x.device, start)
@@ -108,21 +112,21 @@ def sample(
         if isinstance(generator, list):
             x = torch.cat(
                 [
-                    _step(scheduler, p[None], t, next_t, s[None], g)
+                    _step(scheduler, p[None], t, next_t, s[None], g, eta)
                     for p, s, g in zip(pred, x, generator)
                 ]
             )
         else:
-            x = _step(scheduler, pred, t, next_t, x, generator)
+            x = _step(scheduler, pred, t, next_t, x, generator, eta)
     return fix_known(x, 0) if fix_known is not None else x
 
 
-def _step(scheduler: Scheduler, pred, t: int, next_t: int, x, generator) -> torch.Tensor:
+def _step(scheduler: Scheduler, pred, t: int, next_t: int, x, generator, eta) -> torch.Tensor:
     """One reverse step ``x_t -> x_next_t`` with any of the three schedulers."""
     if isinstance(scheduler, RFlowScheduler):
         return scheduler.step(pred, t, x, next_t)[0]
     if isinstance(scheduler, DDIMScheduler):
-        return scheduler.step(pred, t, x, eta=0.0, generator=generator)[0]
+        return scheduler.step(pred, t, x, eta=eta, generator=generator)[0]
     return scheduler.step(pred, t, x, generator=generator)[0]
 
 
@@ -151,15 +155,16 @@ class SeededPrepareBatch(PrepareBatch):
     """Base of the diffusion prepare-batches: a seeded generator for every random draw.
 
     ``reseed_every_batch`` makes validation draw the same noise each time; ``state_dict``
-    lets a resumed training draw what it would have drawn. Subclasses call
+    lets a resumed training draw what it would have drawn. Under torchrun rank ``r`` uses
+    ``seed + r`` (``rank_seed``), so ranks draw different noise. Subclasses call
     ``start_batch()`` first and ``to_device`` on what they return.
     """
 
     def __init__(self, seed: int | None = None, reseed_every_batch: bool = False):
-        self.seed, self.reseed = seed, reseed_every_batch
+        self.seed, self.reseed = None if seed is None else rank_seed(seed), reseed_every_batch
         self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        if self.seed is not None:
+            self.generator.manual_seed(self.seed)
 
     def start_batch(self) -> None:
         if self.reseed and self.seed is not None:

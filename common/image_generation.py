@@ -19,11 +19,13 @@ from monai.networks.schedulers import Scheduler
 from tqdm import tqdm
 
 from common.datalist import datalist_label_set, datalist_modality, read_datalist, write_datalist
+from common.distributed import rank0_writes, shard
 from common.io import load_weights, save_nifti
 from common.refiner import load_view_models, refine_volume
 from common.seeds import case_seed
 from common.seqgen import generate_volume
 from common.transforms import to_original_intensity
+from common.validate import require_valid
 
 
 def export_model_space(datalist: str | Path, preprocessing, output_dir: str | Path) -> Path:
@@ -32,12 +34,13 @@ def export_model_space(datalist: str | Path, preprocessing, output_dir: str | Pa
     Image values go back to HU / the original range of the modality window; returns the
     new datalist. Used to synthesise from real held-out masks and compare with their images.
     """
+    require_valid(datalist)
     doc = read_datalist(datalist)
     label_set, modality = datalist_label_set(doc, datalist), datalist_modality(doc, datalist)
     out = Path(output_dir)
     cases = []
-    for i, case in enumerate(tqdm(doc["training"], desc="model grid")):
-        name = case.get("case", f"case_{i:04d}")
+    for case in tqdm(doc["training"], desc="model grid"):
+        name = case.get("case") or Path(case["label"]).name.split(".")[0]
         item = preprocessing({"image": case["image"], "label": case["label"]})
         affine = np.asarray(item["image"].affine)
         lo, hi = _range_of(item["image"])
@@ -86,7 +89,11 @@ def synthesize_images(
         value_range: model [-1, 1] maps back to this range (CT: the HU window).
         views, refine, t0, guidance, steps: the refiner (``common.refiner.refine_volume``).
         seed: a case without a recorded ``seed`` uses ``case_seed(seed, k)``.
+
+    Under torchrun each rank makes its share of the cases (``common.distributed.shard``);
+    rank 0 writes the datalist once every rank has finished.
     """
+    require_valid(mask_datalist)  # `medgen3d validate`'s checks, before any model runs
     doc = read_datalist(mask_datalist)
     label_set, modality = (
         datalist_label_set(doc, mask_datalist),
@@ -107,7 +114,7 @@ def synthesize_images(
                 "seed": int(case.get("seed", case_seed(seed, k))),
             }
         )
-    todo = [c for c in cases if not Path(c["image"]).exists()]
+    todo = [c for c in shard(cases) if not Path(c["image"]).exists()]  # this rank's share
     for start in tqdm(range(0, len(todo), batch_size), desc="image volumes", disable=not todo):
         batch = todo[start : start + batch_size]
         labels = [nib.load(c["label"]) for c in batch]
@@ -133,17 +140,21 @@ def synthesize_images(
             for key, volume in (("image_sequence", r), ("image", f)):
                 hu = to_original_intensity(volume[0], *value_range).numpy().astype(np.float32)
                 save_nifti(hu, img.affine, case[key])
-    return write_datalist(
-        out / "datalist.json",
-        cases,
-        label_set,
-        modality,
-        "synthetic_pairs",
-        refined=refine,
-        t0=t0,
-        guidance=guidance,
-        steps=steps,
+    path = (out / "datalist.json").absolute()
+    rank0_writes(
+        lambda: write_datalist(
+            path,
+            cases,
+            label_set,
+            modality,
+            "synthetic_pairs",
+            refined=refine,
+            t0=t0,
+            guidance=guidance,
+            steps=steps,
+        )
     )
+    return path
 
 
 def _one_hot(labels: list[np.ndarray], num_classes: int) -> torch.Tensor:

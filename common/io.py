@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from monai.networks.utils import copy_model_state
 
 from common.errors import DataError
 
@@ -138,4 +139,30 @@ def load_weights(network: torch.nn.Module, path: str | Path, key: str = "model")
             "use the checkpoint trained with the same bundle, preset and label set",
         )
     network.load_state_dict(state)
+    return network
+
+
+def start_from(network: torch.nn.Module, ckpt: str | Path = "") -> torch.nn.Module:
+    """``network`` with the tensors of checkpoint ``ckpt`` whose names and shapes match.
+
+    For fine-tuning: a network for a new label set keeps its fresh output head. ``""`` leaves
+    the network as initialised. (MONAI 1.6's ``CheckpointLoader(strict_shape=False)`` loads
+    nothing from a plain state dict, see MONAI PR #8948, hence this function.)
+    """
+    if not ckpt:
+        return network
+    path = Path(ckpt)
+    if not path.is_file():
+        raise DataError(str(path), "checkpoint to start from not found", "train that stage first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    _, loaded, fresh = copy_model_state(network, state)
+    if not loaded:
+        raise DataError(
+            str(path),
+            "no tensor of this checkpoint fits the network",
+            "start from a checkpoint of the same network and preset",
+        )
+    print(f"started from {path}: {len(loaded)} tensors loaded, {len(fresh)} kept fresh")
     return network

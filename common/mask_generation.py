@@ -10,6 +10,7 @@ from monai.networks.schedulers import Scheduler
 from tqdm import tqdm
 
 from common.datalist import write_datalist
+from common.distributed import rank0_writes, shard
 from common.io import load_weights, save_nifti
 from common.labels import load_label_set
 from common.mcdpm import keep_single_components, sample_mask_volumes
@@ -40,8 +41,9 @@ def generate_mask_cases(
 
     Case ``k`` is seeded with ``case_seed(seed, k)`` (recorded in the datalist), so any
     case can be remade alone. Existing case files are kept (a rerun finishes the rest);
-    files appear only when complete. Returns ``output_dir/datalist.json``
-    (``"masks_only": true``).
+    files appear only when complete. Under torchrun each rank makes its share of the cases
+    (``common.distributed.shard``); rank 0 writes the datalist once every rank has finished.
+    Returns ``output_dir/datalist.json`` (``"masks_only": true``).
     """
     labels = load_label_set(label_set)
     load_weights(network, ckpt_path)
@@ -58,7 +60,7 @@ def generate_mask_cases(
         }
         for k in range(num_cases)
     ]
-    todo = [c for c in cases if not Path(c["label"]).exists()]
+    todo = [c for c in shard(cases) if not Path(c["label"]).exists()]  # this rank's share
     for start in tqdm(range(0, len(todo), batch_size), desc="mask volumes", disable=not todo):
         batch = todo[start : start + batch_size]
         volumes = sample_mask_volumes(
@@ -76,14 +78,18 @@ def generate_mask_cases(
         for case, volume in zip(batch, volumes):
             volume = keep_single_components(volume, single)
             save_nifti(volume.numpy().astype("uint8"), affine, case["label"], description)
-    return write_datalist(
-        out / "datalist.json",
-        cases,
-        labels,
-        modality,
-        "generated_masks",
-        masks_only=True,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
+    path = (out / "datalist.json").absolute()
+    rank0_writes(
+        lambda: write_datalist(
+            path,
+            cases,
+            labels,
+            modality,
+            "generated_masks",
+            masks_only=True,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+        )
     )
+    return path

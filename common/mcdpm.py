@@ -20,8 +20,8 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from common.diffusion import SeededPrepareBatch, guided, noisy_and_target, sample
-from common.sequences import extension_plan
+from common.diffusion import SeededPrepareBatch, noisy_and_target, sample
+from common.sequences import WindowStep, extension_plan
 
 BRANCHES = ("forward", "backward", "unconditional")
 
@@ -64,7 +64,8 @@ class MCDPMPrepareBatch(SeededPrepareBatch):
     Per sample a branch is drawn with probabilities ``p_forward, p_backward,
     p_unconditional``; conditioned branches give ``n`` slices, or with probability
     ``p_extra_given`` between ``n+1`` and ``m-1`` (as the windows at the volume's ends are
-    sampled). Given slices are never noised and carry zero loss weight.
+    sampled). Given slices are never noised and carry zero loss weight; a generated voxel of
+    class ``k`` weighs ``class_weights[k]`` (default 1: thin structures can be weighted up).
     Returns ``(inputs, targets, (), {"timesteps", "class_labels"})`` for SupervisedTrainer.
     """
 
@@ -78,6 +79,7 @@ class MCDPMPrepareBatch(SeededPrepareBatch):
         p_extra_given: float = 0.25,
         seed: int | None = None,
         reseed_every_batch: bool = False,
+        class_weights: Sequence[float] | None = None,
     ):
         probs = torch.tensor([p_forward, p_backward, p_unconditional], dtype=torch.float64)
         if (probs < 0).any() or probs.sum() <= 0:
@@ -85,6 +87,7 @@ class MCDPMPrepareBatch(SeededPrepareBatch):
         super().__init__(seed, reseed_every_batch)
         self.scheduler, self.n, self.probs = scheduler, int(n), probs / probs.sum()
         self.p_extra_given = float(p_extra_given)
+        self.class_weights = None if class_weights is None else torch.tensor(class_weights).float()
 
     def draw_given(self, batch: int, m: int) -> torch.Tensor:
         """``(B, m)`` bool: which slices each sample is given."""
@@ -103,6 +106,13 @@ class MCDPMPrepareBatch(SeededPrepareBatch):
         given = self.draw_given(x0.shape[0], x0.shape[-1])
         x_t, target, t = noisy_and_target(self.scheduler, x0, generator=self.generator)
         weight = (~given)[:, None, None, None, :].float().expand(x0.shape[0], 1, *x0.shape[2:])
+        if self.class_weights is not None:
+            if len(self.class_weights) != x0.shape[1]:
+                raise ValueError(
+                    f"class_weights has {len(self.class_weights)} values for {x0.shape[1]} "
+                    "classes; give one weight per label (background first)"
+                )
+            weight = weight * self.class_weights[x0.argmax(1)][:, None]
         inputs = network_input(x_t, x0, given)
         targets = torch.cat([target, weight], 1)
 
@@ -142,12 +152,19 @@ def sample_mask_volumes(
     z0: Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    bf16: bool = False,
+    eta: float = 1.0,
 ) -> torch.Tensor:
     """Sample whole label volumes ``(B, H, W, D)``, window by window, one per seed.
 
     Volume ``b`` draws its first window's start (unless ``z0`` is given) and all of its noise
     from a generator on ``device`` seeded with ``seeds[b]``, so it does not depend on the
-    batch. Windows at the same plan step of all volumes are denoised in one batch.
+    batch. After the first window the upward and downward windows grow side by side
+    (``plan_rounds``); all windows of a round, of all volumes, are denoised in one batch.
+    ``bf16`` runs the network under bf16 autocast (faster on recent GPUs and on CPUs with
+    AMX / AVX512-BF16); the sampler's arithmetic stays float32. ``eta`` (DDIM only): 1 adds
+    fresh noise every step as DDPM does; few-step masks then come out far less fragmented
+    than with deterministic DDIM (``eta=0``), see benchmarks/results.md.
     """
     h, w, depth = (int(s) for s in spatial_size)
     dev = torch.device(device)
@@ -157,42 +174,62 @@ def sample_mask_volumes(
         if z0 is not None
         else [int(torch.randint(0, depth - m + 1, (1,), generator=g, device=dev)) for g in gens]
     )
-    plans = [extension_plan(depth, m, n, s) for s in starts]
+    plans = [plan_rounds(extension_plan(depth, m, n, s)) for s in starts]
     volumes = torch.zeros(len(seeds), num_classes, h, w, depth, device=dev)
     network = network.eval()
     rounds = range(max(len(p) for p in plans))
     for i in tqdm(rounds, disable=not progress, desc="windows", leave=False):
-        idx = [b for b, p in enumerate(plans) if i < len(p)]
-        steps_i = [plans[b][i] for b in idx]
-        given = torch.stack([given_mask(s.direction, s.given, m) for s in steps_i]).to(dev)
-        cond = torch.stack([volumes[b, ..., s.start : s.start + m] for b, s in zip(idx, steps_i)])
-        z = torch.tensor([s.start for s in steps_i], device=dev)
+        jobs = [(b, s) for b, p in enumerate(plans) if i < len(p) for s in p[i]]
+        given = torch.stack([given_mask(s.direction, s.given, m) for _, s in jobs]).to(dev)
+        cond = torch.stack([volumes[b, ..., s.start : s.start + m] for b, s in jobs])
+        z = torch.tensor([s.start for _, s in jobs], device=dev)
         noise = torch.stack(
-            [torch.randn(num_classes, h, w, m, generator=gens[b], device=dev) for b in idx]
+            [torch.randn(num_classes, h, w, m, generator=gens[b], device=dev) for b, _ in jobs]
         )
-        gens_i = [gens[b] for b in idx]
-        window = _denoise_window(network, scheduler, noise, cond, given, z, steps, gens_i, guidance)
-        labels = window.argmax(1)
-        for j, (b, s) in enumerate(zip(idx, steps_i)):
+        gens_i = [gens[b] for b, _ in jobs]
+        window = _denoise_window(
+            network, scheduler, noise, cond, given, z, steps, gens_i, guidance, bf16, eta
+        )
+        onehot = to_signed_onehot(window.argmax(1), num_classes)
+        for j, (b, s) in enumerate(jobs):
             new = ~given[j]
-            onehot = to_signed_onehot(labels[j : j + 1], num_classes)[0]
-            volumes[b, ..., s.start : s.start + m][..., new] = onehot[..., new]
+            volumes[b, ..., s.start : s.start + m][..., new] = onehot[j][..., new]
     return volumes.argmax(1).cpu()
 
 
-def _denoise_window(network, scheduler, noise, cond, given, z, steps, gens, guidance):
-    """Denoise windows ``(B, K, H, W, m)`` keeping the given slices equal to ``cond``."""
+def plan_rounds(plan: Sequence[WindowStep]) -> list[list[WindowStep]]:
+    """An ``extension_plan`` as rounds: the first window, then per round the next upward and
+    the next downward window. The upward chain reads and writes only slices from the first
+    window's start up, the downward one only slices below its end, so they run together."""
+    up = [s for s in plan if s.direction == "forward"]
+    down = [s for s in plan if s.direction == "backward"]
+    return [[plan[0]]] + [
+        [*up[i : i + 1], *down[i : i + 1]] for i in range(max(len(up), len(down)))
+    ]
+
+
+def _denoise_window(network, scheduler, noise, cond, given, z, steps, gens, guidance, bf16, eta):
+    """Denoise windows ``(B, K, H, W, m)`` keeping the given slices equal to ``cond``.
+
+    With guidance, the conditional and unconditional (nothing given) branches run in one
+    forward pass of ``2B`` windows; ``bf16`` runs that pass under bf16 autocast.
+    """
     g = given[:, None, None, None, :].float()
-    no_given = torch.zeros_like(given)
+    guide = guidance != 1.0 and bool(given.any())
+    branches = torch.cat([given, torch.zeros_like(given)]) if guide else given
+    cond_b, z_b = (cond.repeat(2, 1, 1, 1, 1), z.repeat(2)) if guide else (cond, z)
 
-    def cond_fn(x, t):
-        return network(network_input(x, cond, given), timesteps=t, class_labels=z)
-
-    def uncond_fn(x, t):
-        return network(network_input(x, cond, no_given), timesteps=t, class_labels=z)
+    def model(x, t):
+        x_b, t_b = (x.repeat(2, 1, 1, 1, 1), t.repeat(2)) if guide else (x, t)
+        inputs = network_input(x_b, cond_b, branches)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = network(inputs, timesteps=t_b, class_labels=z_b).float()
+        if not guide:
+            return pred
+        c, u = pred.chunk(2)
+        return u + guidance * (c - u)
 
     def fix_known(x, t):
         return x * (1 - g) + cond * g
 
-    model = guided(cond_fn, uncond_fn, guidance) if given.any() else cond_fn
-    return sample(model, scheduler, noise, steps, generator=gens, fix_known=fix_known)
+    return sample(model, scheduler, noise, steps, generator=gens, fix_known=fix_known, eta=eta)

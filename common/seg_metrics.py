@@ -93,6 +93,13 @@ def write_metrics(
     return summary
 
 
+def report(
+    state, label_names: Sequence[str], out_dir: str | Path, metric_names: Mapping[str, str]
+) -> str:
+    """``write_metrics`` then the markdown ``summary_table`` (the evaluate config prints it)."""
+    return summary_table(write_metrics(state, label_names, out_dir, metric_names))
+
+
 def summary_table(summary: Mapping) -> str:
     """Markdown table of a ``summarise`` result: one row per label and the mean."""
     lines = ["| label | Dice | HD95 (mm) |", "|---|---|---|"]

@@ -31,14 +31,13 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.networks.nets import UNETR, SwinUNETR, UNet
-from monai.networks.utils import copy_model_state
 from torch import nn
 
 from common.datalist import SECTIONS, datalist_label_set, datalist_modality, read_datalist
 from common.errors import DataError
 from common.io import atomic_path, read_json, write_json
 from common.seg_metrics import markdown_table
-from common.validate import require_valid
+from common.validate import require_valid, validate_image
 
 NETWORKS = ("unet2d", "unet3d", "unetr", "swinunetr")
 REGIMES = {
@@ -137,32 +136,6 @@ def make_network(
     raise ValueError(f"unknown network {name!r}; set network to one of {NETWORKS}")
 
 
-def start_from(network: nn.Module, ckpt: str | Path = "") -> nn.Module:
-    """``network`` with the tensors of checkpoint ``ckpt`` whose names and shapes match.
-
-    For fine-tuning: a network for a new label set keeps its fresh output head. ``""`` leaves
-    the network as initialised. (MONAI 1.6's ``CheckpointLoader(strict_shape=False)`` loads
-    nothing from a plain state dict, see MONAI PR #8948, hence this function.)
-    """
-    if not ckpt:
-        return network
-    path = Path(ckpt)
-    if not path.is_file():
-        raise DataError(str(path), "checkpoint to start from not found", "train that stage first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    _, loaded, fresh = copy_model_state(network, state)
-    if not loaded:
-        raise DataError(
-            str(path),
-            "no tensor of this checkpoint fits the network",
-            "start from a checkpoint of the same network (config key network)",
-        )
-    logger.info(f"started from {path}: {len(loaded)} tensors loaded, {len(fresh)} kept fresh")
-    return network
-
-
 # ---------------------------------------------------------------- case lists for the configs
 
 
@@ -183,6 +156,10 @@ def image_cases(path: str | Path) -> list[dict]:
             f"holds no images ({', '.join(IMAGE_SUFFIXES)}) and is no datalist",
             "set dataset_dir to a folder of images, an image or a datalist.json",
         )
+    problems = [str(p) for f in files for p in validate_image(f)]
+    if problems:
+        report = "\n".join([f"{len(problems)} problems:", *problems])
+        raise DataError(str(path), report, "fix or remove the images listed above")
     return [{"image": f} for f in files]
 
 
@@ -457,7 +434,11 @@ def _train_stage(study: _Study, stage: Stage, network: str, root: Path) -> dict:
         print(f"  {network} {stage.name}: finished before, kept")
         return record
     done.unlink(missing_ok=True)
-    model.unlink(missing_ok=True)
+    started = stage_dir / "started.json"  # a killed run of this record resumes; others restart
+    if not (started.exists() and read_json(started) == record):
+        model.unlink(missing_ok=True)
+        (stage_dir / "models" / "resume.pt").unlink(missing_ok=True)
+    write_json(record, started)
     sections = {"training": cases, "validation": val}
     datalist = _write_datalist(stage_dir / "datalist.json", study.datasets[stage.dataset], sections)
     init = root / network / str(stage.init) / "models" / "model.pt" if stage.init else ""

@@ -28,6 +28,9 @@ from monai.utils import convert_to_tensor
 from torch import nn
 from tqdm import tqdm
 
+from common.distributed import rank_seed
+from common.training import require_finite
+
 CONTEXT = 2  # predecessors of a slice (Vid2Vid: 2 previous frames); fixed by slice_input
 
 
@@ -44,8 +47,10 @@ class SliceGenerator(nn.Module):
     hallucinated slice ``h`` (tanh) and a weight ``w`` (sigmoid); the output is Vid2Vid's
     blend ``w * h + (1 - w) * image[t-1]`` with the identity in place of the optical-flow
     warp, so it lies in [-1, 1] when the previous slice does. H and W must be divisible by
-    ``2 ** (len(channels) - 1)``.
+    ``2 ** (len(channels) - 1)``. ``context``: the image slices before ``t`` it sees.
     """
+
+    context = CONTEXT
 
     def __init__(
         self,
@@ -255,6 +260,11 @@ def _requires_grad(nets: Sequence[nn.Module], flag: bool) -> None:
         net.requires_grad_(flag)
 
 
+def _local(net: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper: a call that syncs no gradients."""
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
 class SequenceGanTrainer(Trainer):
     """MONAI trainer for the slice generator with an image and a temporal discriminator.
 
@@ -265,7 +275,9 @@ class SequenceGanTrainer(Trainer):
     the ``L`` slices with teacher forcing (``own_output_probability`` of the epoch); update
     it with ``l1_weight * L1 + adv_weight * LSGAN + fm_weight * feature matching`` (both
     discriminators); then update both discriminators with LSGAN on real vs detached fake.
-    The output dict holds the scalar losses and ``p_own`` for the stats handlers.
+    The output dict holds the scalar losses and ``p_own`` for the stats handlers. The
+    networks may be DistributedDataParallel-wrapped (torchrun); rank ``r`` draws from
+    ``seed + r``.
     """
 
     def __init__(
@@ -307,7 +319,7 @@ class SequenceGanTrainer(Trainer):
         self.l1_weight, self.adv_weight, self.fm_weight = l1_weight, adv_weight, fm_weight
         self.teacher_forcing_epochs, self.p_own_max = int(teacher_forcing_epochs), float(p_own_max)
         self.p_restart = float(p_restart)
-        self.rng = torch.Generator().manual_seed(int(seed))
+        self.rng = torch.Generator().manual_seed(rank_seed(seed))
         self.adversarial = PatchAdversarialLoss(
             criterion="least_squares", no_activation_leastsq=True
         )
@@ -351,12 +363,12 @@ class SequenceGanTrainer(Trainer):
         l1 = torch.nn.functional.l1_loss(fake, real)
         adv, fm = fake.new_zeros(()), fake.new_zeros(())
         for d, f_in, r_in in zip(self.discriminators, self._disc_inputs(masks, fake_seq), real_in):
-            f_out, f_feat = d(f_in)
+            f_out, f_feat = _local(d)(f_in)  # frozen: no gradients of d to sync across ranks
             with torch.no_grad():
-                _, r_feat = d(r_in)
+                _, r_feat = _local(d)(r_in)
             adv = adv + self.adversarial(f_out, target_is_real=True, for_discriminator=False)
             fm = fm + feature_matching(f_feat, r_feat)
-        loss = self.l1_weight * l1 + self.adv_weight * adv + self.fm_weight * fm
+        loss = require_finite(self.l1_weight * l1 + self.adv_weight * adv + self.fm_weight * fm)
         self.g_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.g_optimizer.step()
@@ -370,6 +382,7 @@ class SequenceGanTrainer(Trainer):
             real_term = self.adversarial(d(r_in)[0], target_is_real=True, for_discriminator=True)
             fake_term = self.adversarial(d(f_in)[0], target_is_real=False, for_discriminator=True)
             loss = loss + 0.5 * (real_term + fake_term)
+        require_finite(loss)
         self.d_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.d_optimizer.step()

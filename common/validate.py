@@ -185,6 +185,15 @@ def validate_case(
     return problems
 
 
+def validate_image(path: str | Path, max_voxels: int = MAX_VOXELS) -> list[DataError]:
+    """Every problem of an image alone (to segment): readable, 3D, within budget, finite."""
+    path = Path(path)
+    problems: list[DataError] = []
+    image = _collect(problems, _open, path, max_voxels)
+    data = None if image is None else _collect(problems, _read, path, image)
+    return problems if data is None else problems + _check_image(path, data)
+
+
 def _resolve(value, key: str, where: str, datalist: Path) -> Path:
     """The absolute path of an entry's ``image``/``label``; DataError if unset or missing."""
     if not isinstance(value, str) or not value.strip():
@@ -295,10 +304,10 @@ def format_report(problems: list[DataError], n_cases: int) -> str:
     return "\n".join([head, *lines])
 
 
-def require_valid(path: str | Path) -> None:
+def require_valid(path: str | Path, max_voxels: int = MAX_VOXELS) -> None:
     """Raise one DataError listing every problem of a datalist (``medgen3d validate``'s
     checks); training and studies call it first so a bad case stops them at once."""
-    problems = validate_datalist(path)
+    problems = validate_datalist(path, max_voxels=max_voxels)
     if problems:
         report = format_report(problems, count_cases(path))
         raise DataError(str(path), report, "fix the cases listed above")

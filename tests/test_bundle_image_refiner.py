@@ -58,6 +58,8 @@ def test_train_two_views(tiny_segthor_datalist, tmp_path):
         "refiner_axial.pt",
         "refiner_axial_best.pt",
         "refiner_coronal.pt",
+        "resume_refiner_axial.pt",
+        "resume_refiner_coronal.pt",
     ]
     assert (root / "runs" / "refiner_axial").is_dir()
     for name in ("refiner_axial.pt", "refiner_coronal.pt"):

@@ -150,3 +150,15 @@ def test_keep_single_components():
     out = keep_single_components(labels, [1])
     assert (out == 1).sum() == 27 and (out[0:2, 0:2, 0:2] == 0).all()
     assert (out == 2).sum() == 2  # not listed: untouched
+
+
+def test_guidance_runs_both_branches_in_one_forward_and_bf16_runs():
+    net, calls = _net(), []
+    net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    args = (make_scheduler("ddim"), K, (H, W, 12), 4, 2, 2)
+    out = sample_mask_volumes(net, *args, seeds=[1], guidance=2.0, z0=[4])
+    # z0=4: the first window (unguided), then two rounds of an upward and a downward window,
+    # each round one forward of 2 windows x 2 guidance branches, per step
+    assert calls == [1, 1] + [4, 4] * 2
+    half = sample_mask_volumes(net, *args, seeds=[1], guidance=2.0, z0=[4], bf16=True)
+    assert half.shape == out.shape and (half == out).float().mean() > 0.5

@@ -9,7 +9,7 @@ from monai.data import MetaTensor
 from monai.metrics import DiceMetric
 
 from common.errors import DataError
-from common.io import save_nifti
+from common.io import save_nifti, start_from
 from common.seg_metrics import HausdorffDistance95, markdown_table, summarise
 from common.seg_study import (
     E2_REGIMES,
@@ -22,7 +22,6 @@ from common.seg_study import (
     regime_stages,
     split_cases,
     stage_cases,
-    start_from,
 )
 
 REAL = [{"image": f"r{i}.nii.gz", "label": f"r{i}_lab.nii.gz"} for i in range(16)]

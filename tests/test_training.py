@@ -51,6 +51,22 @@ def test_nan_loss_stops_before_the_weights_change():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+def test_nan_loss_in_epoch_two_keeps_the_epoch_one_checkpoint(tmp_path):
+    calls = []
+
+    def loss(pred, target):  # finite for the 3 iterations of epoch 1, then NaN
+        calls.append(1)
+        return torch.nn.functional.mse_loss(pred, target) * (1.0 if len(calls) <= 3 else np.nan)
+
+    trainer, net = _trainer(FiniteLoss(loss), epochs=3)
+    ResumeCheckpoint(tmp_path, {"model": net, "optimizer": trainer.optimizer}).attach(trainer)
+    with pytest.raises(FloatingPointError, match="training loss is nan: stopped"):
+        trainer.run()
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert state["engine"]["iteration"] == 3
+    assert all(torch.equal(v, state["model"][k]) for k, v in net.state_dict().items())
+
+
 def test_resume_checkpoint_continues_from_last_epoch(tmp_path):
     trainer, net = _trainer(torch.nn.MSELoss(), epochs=2)
     ResumeCheckpoint(tmp_path, {"model": net, "optimizer": trainer.optimizer}).attach(trainer)
@@ -65,54 +81,52 @@ def test_resume_checkpoint_continues_from_last_epoch(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(trained, net2.parameters()))
 
 
-def test_killed_bundle_training_resumes(tiny_segthor_datalist, tmp_path):
-    root = tmp_path / "bundle"
-    args = [
+def _bundle_training(datalist, root, epochs: int) -> list[str]:
+    """The command line of a tiny mask_diffusion training into ``root``."""
+    values = {
+        "dataset_dir": str(datalist.parent),
+        "bundle_root": str(root),
+        "spatial_size": [16, 16, 12],
+        "m": 4,
+        "unet_channels": [8, 8],
+        "unet_attention": [False, False],
+        "unet_norm_groups": 4,
+        "unet_head_channels": 8,
+        "val_interval": 100,
+        "batch_size": 3,
+        "max_epochs": epochs,
+    }
+    config = "['configs/train.yaml','configs/demo.yaml']"
+    return [
         sys.executable,
         "-m",
         "monai.bundle",
         "run",
         "training",
         "--config_file",
-        "['configs/train.yaml','configs/demo.yaml']",
-        *overrides(
-            {
-                "dataset_dir": str(tiny_segthor_datalist.parent),
-                "bundle_root": str(root),
-                "spatial_size": [16, 16, 12],
-                "m": 4,
-                "unet_channels": [8, 8],
-                "unet_attention": [False, False],
-                "unet_norm_groups": 4,
-                "unet_head_channels": 8,
-                "val_interval": 100,
-                "batch_size": 3,
-            }
-        ),
-    ]
-    proc = subprocess.Popen(
-        [*args, "--max_epochs", "1000"],
-        cwd=BUNDLE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        config,
+    ] + overrides(values)
+
+
+def test_killed_bundle_training_resumes_to_the_same_weights(tiny_segthor_datalist, tmp_path):
+    epochs, quiet = 3, {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    straight = subprocess.Popen(
+        _bundle_training(tiny_segthor_datalist, tmp_path / "a", epochs), cwd=BUNDLE, **quiet
     )
-    resume = root / "models" / "resume.pt"
+    args = _bundle_training(tiny_segthor_datalist, tmp_path / "b", epochs)
+    killed = subprocess.Popen(args, cwd=BUNDLE, **quiet)
+    resume = tmp_path / "b" / "models" / "resume.pt"
     deadline = time.time() + 240
-    while not resume.exists() and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(2)
-    proc.kill()
-    proc.wait()
-    assert resume.exists(), "no resume checkpoint was written"
+    while not resume.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.kill()
+    killed.wait()
     engine = torch.load(resume, weights_only=True)["engine"]
     epoch = engine["iteration"] // engine["epoch_length"]
-    out = subprocess.run(
-        [*args, "--max_epochs", str(epoch + 1)],
-        cwd=BUNDLE,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    assert 1 <= epoch < epochs, "the training finished before it was killed"
+    out = subprocess.run(args, cwd=BUNDLE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {resume} at epoch {epoch}" in out.stdout + out.stderr
-    assert (root / "models" / "model.pt").exists()
+    assert straight.wait(timeout=300) == 0
+    a, b = (torch.load(tmp_path / r / "models" / "model.pt", weights_only=True) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,12 +1,15 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.transforms import (
     NormaliseIntensityd,
     RemapLabelsd,
     invert_image,
     model_space_affine,
+    to_original_intensity,
     volume_transforms,
 )
 
@@ -111,6 +114,41 @@ def test_remap_labels_and_unknown_value():
     assert out["label"].flatten().tolist() == [0, 3, 3, 2]
     with pytest.raises(ValueError, match=r"\[7\]"):
         t({"label": torch.tensor([[[[7.0]]]])})
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    lo=st.floats(-2000, 1000),
+    width=st.floats(1, 3000),
+    values=st.lists(st.floats(-5000, 5000), min_size=1, max_size=50),
+)
+def test_intensity_window_clips_keeps_order_and_inverts_inside(lo, width, values):
+    hi = lo + width
+    x = torch.tensor(values, dtype=torch.float64)[None]
+    out = NormaliseIntensityd("image", window=(lo, hi))({"image": x.float()})["image"].double()
+    assert out.min() >= -1 and out.max() <= 1
+    order = torch.argsort(x.flatten())
+    assert (out.flatten()[order].diff() >= 0).all()  # monotone
+    inside = (x >= lo) & (x <= hi)
+    back = to_original_intensity(out, lo, hi)
+    torch.testing.assert_close(back[inside], x[inside], rtol=0, atol=width * 1e-6 + 1e-3)
+    assert torch.allclose(back[x < lo], torch.tensor(lo).double(), atol=1e-3 * width)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    table=st.dictionaries(st.integers(0, 3000), st.integers(0, 9), min_size=1, max_size=12),
+    data=st.data(),
+)
+def test_remap_labels_follows_the_table(table, data):
+    keys = sorted(table)
+    picks = data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=40))
+    label = torch.tensor(picks, dtype=torch.float32)[None]
+    out = RemapLabelsd("label", table)({"label": label})["label"]
+    assert out.flatten().tolist() == [table[v] for v in picks]
+    unknown = data.draw(st.integers(0, 3100).filter(lambda v: v not in table))
+    with pytest.raises(ValueError, match=rf"\[{unknown}\]"):
+        RemapLabelsd("label", table)({"label": torch.tensor([[float(unknown)]])})
 
 
 def test_model_space_affine_is_centred():

@@ -1,0 +1,135 @@
+"""`medgen3d export`: exported bundles run with `python -m monai.bundle run` from another
+folder, in a Python that cannot import this repository's `common` package."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import nibabel as nib
+import pytest
+from bundle_helpers import overrides
+
+from common.bundles import export_bundle
+from common.errors import DataError
+
+# Drops the editable install of this repository (its meta path finder) and the repository
+# folder from sys.path, checks that `common` cannot be imported, then runs monai.bundle.
+LAUNCHER = """
+import importlib.util, os, runpy, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path = [p for p in sys.path if p and os.path.realpath(p) != {repo!r}]
+assert importlib.util.find_spec("common") is None, "the repository is still importable"
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+try:
+    runpy.run_module("monai.bundle", run_name="__main__")
+finally:
+    import common
+    print("common imported from", common.__file__)
+"""
+
+
+def run_outside(tmp_path, *args: str) -> str:
+    """``python -m monai.bundle ARGS`` from ``tmp_path`` without the repository."""
+    from bundle_helpers import REPO
+
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(repo=str(REPO)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, str(launcher), *args],
+        cwd=tmp_path,
+        env={**env, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_exported_bundles_generate_outside_the_repository(tmp_path):
+    exported = tmp_path / "export"
+    masks, masks_zip = export_bundle("mask_diffusion", exported)
+    images, _ = export_bundle("image_synthesis", exported)
+    assert (masks / "common" / "label_sets" / "segthor.yaml").is_file()
+    assert (masks / "models" / "model.pt").is_file() and (masks / "LICENSE").is_file()
+    with zipfile.ZipFile(masks_zip) as z:
+        assert "mask_diffusion/configs/inference.yaml" in z.namelist()
+        assert "mask_diffusion/common/mcdpm.py" in z.namelist()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    configs = str([str(masks / "configs" / f) for f in ("inference.yaml", "demo.yaml")])
+    tiny = {"bundle_root": str(masks), "num_cases": 1, "steps": 2, "output_dir": "masks"}
+    out = run_outside(elsewhere, "run", "inference", "--config_file", configs, *overrides(tiny))
+    assert f"common imported from {masks / 'common'}" in out
+    mask = nib.load(elsewhere / "masks" / "labels" / "mask_0000.nii.gz")
+    assert mask.shape == (32, 32, 32)
+    configs = str([str(images / "configs" / f) for f in ("inference.yaml", "demo.yaml")])
+    tiny = {
+        "bundle_root": str(images),
+        "mask_datalist": str(elsewhere / "masks" / "datalist.json"),
+        "output_dir": "images",
+        "sdm_views": ["axial"],
+    }
+    out = run_outside(elsewhere, "run", "inference", "--config_file", configs, *overrides(tiny))
+    assert f"common imported from {images / 'common'}" in out
+    case = json.loads((elsewhere / "images" / "datalist.json").read_text())["training"][0]
+    assert nib.load(elsewhere / "images" / case["image"]).shape == (32, 32, 32)
+
+
+def test_exported_seg_bundle_trains_outside_the_repository(tiny_segthor_datalist, tmp_path):
+    seg, _ = export_bundle("seg_downstream", tmp_path / "export")
+    configs = str([str(seg / "configs" / f) for f in ("train.yaml", "demo.yaml")])
+    tiny = {
+        "bundle_root": str(seg),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "runs"),
+        "dataset_dir": str(tiny_segthor_datalist.parent),
+        "pixdim": [6.0, 6.0, 5.0],
+        "spatial_size": [16, 16, 16],
+        "network_sizes#unet3d": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "val_cases": 1,
+        "batch_size": 3,
+        "max_epochs": 1,
+        "val_interval": 1,
+    }
+    run_outside(tmp_path, "run", "training", "--config_file", configs, *overrides(tiny))
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_export_never_overwrites(tmp_path):
+    (tmp_path / "seg_downstream").mkdir()
+    with pytest.raises(DataError, match="already exists"):
+        export_bundle("seg_downstream", tmp_path)
+    with pytest.raises(DataError, match="unknown bundle"):
+        export_bundle("nope", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg_downstream"]
+
+
+def test_train_and_evaluate_wrap_the_bundle_commands(capsys):
+    from common.bundles import EVALUATE_STAGES, TRAIN_STAGES, bundle_command, train_overrides
+    from common.cli import main
+
+    cmd = bundle_command(TRAIN_STAGES["refiner"], "demo", train_overrides("refiner", None, {}))
+    assert cmd[1:5] == ["-m", "monai.bundle", "run", "training"]
+    assert "train_refiner.yaml" in cmd[6] and "demo.yaml" in cmd[6]
+    assert cmd[cmd.index("--ckpt_dir") + 1].endswith("outputs/train/refiner/models")
+    cmd = bundle_command(EVALUATE_STAGES["seg"], "demo_brain", {"datalist": "d.json"})
+    assert (
+        "evaluate.yaml" in cmd[6]
+        and "demo_brain.yaml" in cmd[6]
+        and cmd[-2:]
+        == [
+            "--datalist",
+            "d.json",
+        ]
+    )
+    for argv in (["train", "nope"], ["evaluate", "masks", "--preset", "nope"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown stage" in err and "no preset 'nope'" in err
