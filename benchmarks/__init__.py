@@ -1,0 +1,1 @@
+"""Speed, memory and quality measurements of the bundles (see benchmarks/run.py)."""

@@ -1,0 +1,86 @@
+"""The benchmark suite's functions at a toy size, so the suite does not rot."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import gpu, run, suite
+from common.mcdpm import plan_rounds
+from common.sequences import extension_plan
+
+CKPT = suite.REPO / "bundles" / "mask_diffusion" / "models" / "model.pt"
+
+
+def test_plan_rounds_cover_every_window_once():
+    for z0 in (0, 5, 12, 24):
+        plan = extension_plan(32, 8, 2, z0)
+        rounds = plan_rounds(plan)
+        assert sorted(s.start for r in rounds for s in r) == sorted(s.start for s in plan)
+        up = sum(s.direction == "forward" for s in plan)
+        assert rounds[0] == [plan[0]] and len(rounds) == 1 + max(up, len(plan) - 1 - up)
+
+
+def test_suite_sections_and_report(tiny_segthor_datalist, tmp_path):
+    memory: dict = {}
+    real = suite.real_masks(tiny_segthor_datalist)
+    samplers = [suite.Sampler.parse(s) for s in ("ddpm:2:1", "ddim:1:2", "ddim:1:1:bf16:eta=0")]
+    samplers.append(suite.Sampler("rflow", 1, 1))
+    mask = suite.mask_sampling(samplers, CKPT, 2, samplers[1], memory, real)
+    rows = {r["sampler"].name: r for r in mask["rows"]}
+    assert list(rows) == ["DDPM-2", "DDIM-1 eta=1", "DDIM-1 eta=0 bf16", "RFLOW-1"]
+    assert rows["RFLOW-1"]["quality"] is None  # a DDPM checkpoint: timing only
+    quality, kept = rows["DDIM-1 eta=1"]["quality"], rows["DDIM-1 eta=1"]["quality_kept"]
+    assert 0 <= quality["z_continuity_gen"] <= 1 and kept["components_gen"] == 1
+    assert mask["batched"]["ratio"] > 0 and mask["n_real"] == 4
+    image = suite.image_stage(1, [64], memory, tiny_segthor_datalist)
+    assert [r["bf16"] for r in image["refiner"]] == [False, True]
+    assert image["refiner"][0]["forward_calls"] == image["t_steps"] * 3
+    training = suite.training(1, memory, tiny_segthor_datalist, suite.TRAININGS[-1:])
+    assert 0 < training[0]["loader_share"] < 1 and training[0]["samples_per_iter"] == 2
+    scaling = suite.scaling([16, 24], [16, 32], (16, 16), 1)
+    assert [(r["windows"], r["rounds"]) for r in scaling["by_depth"]] == [(3, 2), (5, 3)]
+    assert all(m["peak_rss_mb"] > 0 for m in memory.values())
+
+    args = run.parse_args(["--quick", "--out", str(tmp_path / "r.md")])
+    results = {"context": _context(), "memory": memory, "mask": mask, "image": image}
+    results.update(training=training, scaling=scaling)
+    text = run.report(results, args)
+    for heading in ("MC-DPM", "Image stage", "Training", "Peak resident", "Scaling", "Targets"):
+        assert f"## {heading}" in text
+    assert "timing only" in text and "speed-up vs DDPM-2" in text and "## Notes" in text
+    assert run.default_sampler(args) == suite.Sampler("ddim", 20, 2)
+
+
+def _context() -> dict:
+    return {
+        "date": "today",
+        "platform": "test",
+        "processor": "cpu",
+        "cpu_count": 1,
+        "threads": 1,
+        "python": "3",
+        "torch": "2",
+        "monai": "1",
+        "command": "pytest",
+        "load_start": (0.0, 0.0, 0.0),
+        "load_end": (0.0, 0.0, 0.0),
+        "wall_s": 1.0,
+        "quick": True,
+        "cpu_bf16": "none",
+    }
+
+
+def test_parse_args_rejects_unknown_sections_and_missing_data(tmp_path):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--sections", "mask,nope", "--datalist", str(CKPT)])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--datalist", str(tmp_path / "missing.json")])
+
+
+def test_gpu_script_runs_on_cpu_at_demo_size(capsys):
+    rows = gpu.main(
+        ["--preset", "demo", "--device", "cpu", "--mask-sampler", "ddim:1"]
+        + ["--fast-sampler", "ddim:1", "--batch-volumes", "2"]
+    )
+    assert len(rows) == 8 and all(seconds > 0 for _, seconds, _ in rows)
+    assert "Batched generation" in capsys.readouterr().out
