@@ -140,6 +140,9 @@ def write_report(run, weights, results: dict, seg: str, figures: dict, settings:
         *timing_rows,
         f"| **total** | **{total:.0f}** |",
         "",
+        "A rerun into the same folder keeps finished volumes and study stages, so its timings "
+        "count only the work it redid.",
+        "",
         "## Masks: synthetic vs held-out real (model grid)",
         "",
         _demote(mask_table(results["masks"])),
