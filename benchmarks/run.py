@@ -66,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     parser.add_argument(
         "--datalist",
-        default=str(suite.TRAIN_DATALIST),
-        help="real cases: the training data, and the masks that quality is measured against",
+        help="real cases: the training data, and the masks that quality is measured against "
+        "(default: the demo weights' training cases, data/thorax_demo/train.json, made if missing)",
     )
     parser.add_argument(
         "--ckpt", default=str(suite.REPO / "bundles/mask_diffusion/models/model.pt")
@@ -93,17 +93,28 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.out is None:
         args.out = str(suite.REPO / "benchmarks" / f"results{'-quick' if args.quick else ''}.md")
+    if args.datalist is None:
+        args.datalist = str(demo_training_cases())
     if not Path(args.datalist).exists():
-        parser.error(
-            f"{args.datalist} does not exist; make the demo data with `medgen3d demo-data "
-            "--dataset thorax --cases 24 --seed 0 --out data/thorax_demo` and split it as "
-            "bundles/mask_diffusion/models/PROVENANCE.md says, or pass --datalist"
-        )
+        parser.error(f"{args.datalist} does not exist; pass an existing --datalist")
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     return args
+
+
+def demo_training_cases() -> Path:
+    """``data/thorax_demo/train.json``: the 16 cases the demo weights were trained on (the
+    first 16 of the 24-case seed-0 cohort, as in models/PROVENANCE.md), made when missing."""
+    if not suite.TRAIN_DATALIST.exists():
+        from common.data import split_datalist
+        from common.demo_data.thorax import make_thorax_cohort
+
+        folder = suite.TRAIN_DATALIST.parent
+        datalist = make_thorax_cohort(folder, 24, seed=0)
+        split_datalist(datalist, 16, folder / "train.json", folder / "heldout.json")
+    return suite.TRAIN_DATALIST
 
 
 def _ints(text: str) -> list[int]:

@@ -41,7 +41,9 @@ def test_suite_sections_and_report(tiny_segthor_datalist, tmp_path):
     assert [(r["windows"], r["rounds"]) for r in scaling["by_depth"]] == [(3, 2), (5, 3)]
     assert all(m["peak_rss_mb"] > 0 for m in memory.values())
 
-    args = run.parse_args(["--quick", "--out", str(tmp_path / "r.md")])
+    args = run.parse_args(
+        ["--quick", "--out", str(tmp_path / "r.md"), "--datalist", str(tiny_segthor_datalist)]
+    )
     results = {"context": _context(), "memory": memory, "mask": mask, "image": image}
     results.update(training=training, scaling=scaling)
     text = run.report(results, args)
