@@ -139,18 +139,6 @@ def noise_to(
     return scheduler.add_noise(original_samples=x0, noise=noise, timesteps=ts)
 
 
-def guided(model_cond: ModelFn, model_uncond: ModelFn, scale: float) -> ModelFn:
-    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``; one call when scale=1."""
-    if scale == 1.0:
-        return model_cond
-
-    def fn(x, t):
-        u = model_uncond(x, t)
-        return u + scale * (model_cond(x, t) - u)
-
-    return fn
-
-
 class SeededPrepareBatch(PrepareBatch):
     """Base of the diffusion prepare-batches: a seeded generator for every random draw.
 
