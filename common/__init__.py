@@ -1,1 +1,1 @@
-"""Shared code of the MedGen3D bundles: data, transforms, sequences, diffusion, metrics, io."""
+"""Shared library of the MedGen3D bundles: core, data, diffusion, masks, images, seg."""

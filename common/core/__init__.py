@@ -1,0 +1,1 @@
+"""Errors, atomic file io, seeds, multi-process helpers and training safety handlers."""

@@ -1,0 +1,1 @@
+"""Label sets, datalists, splits, validation, transforms and importers for users' datasets."""

@@ -1,0 +1,214 @@
+"""MONAI transform chains that bring a (image, label) pair to the model's fixed geometry.
+
+Chain (dictionary transforms, keys ``image`` and ``label``)::
+
+    load (NIfTI/MGZ) -> channel first -> orient RAS -> resample to ``pixdim``
+    -> label remap (source values -> 0..K-1) -> crop to the labelled z-range +- ``z_margin``
+    -> intensity to [-1, 1] (CT window / MRI percentiles) -> resize z to D, pad/crop H, W
+    -> optional one-hot label
+
+Every spatial step and the intensity step are invertible, so ``invert_image`` brings a
+model-space image back to the source grid, affine and HU / original range.
+Output tensors are ``(1, H, W, D)`` (image) and ``(1 or K, H, W, D)`` (label).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    Invertd,
+    InvertibleTransform,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Resized,
+    ResizeWithPadOrCropd,
+    Spacingd,
+)
+
+CT_WINDOW = (-1000.0, 1000.0)
+MRI_PERCENTILES = (0.5, 99.5)
+
+
+def any_label_in_slice(label: torch.Tensor) -> torch.Tensor:
+    """``(C, H, W, D)`` label -> bool mask, True on whole axial slices that hold any label.
+
+    Used as CropForegroundd's ``select_fn`` so the crop acts on z only.
+    """
+    return (
+        (label > 0)
+        .any(dim=0, keepdim=True)
+        .any(dim=1, keepdim=True)
+        .any(dim=2, keepdim=True)
+        .expand(1, *label.shape[1:])
+    )
+
+
+class RemapLabelsd(MapTransform):
+    """Map source label values to ``0..K-1`` with a lookup table (e.g. FreeSurfer codes)."""
+
+    def __init__(self, keys, source_map: Mapping[int, int] | None):
+        super().__init__(keys)
+        self.source_map = {int(k): int(v) for k, v in (source_map or {}).items()}
+
+    def __call__(self, data):
+        d = dict(data)
+        if not self.source_map:
+            return d
+        src = torch.tensor(sorted(self.source_map))
+        dst = torch.tensor([self.source_map[k] for k in sorted(self.source_map)])
+        for key in self.key_iterator(d):
+            lab = d[key]
+            values = torch.as_tensor(lab).round().long()
+            idx = torch.searchsorted(src, values.flatten()).clamp(max=len(src) - 1)
+            if not torch.equal(src[idx], values.flatten()):
+                unknown = sorted(set(values.unique().tolist()) - set(self.source_map))
+                raise ValueError(f"label values {unknown} are not in the label set's source_map")
+            out = dst[idx].reshape(values.shape).to(torch.float32)
+            d[key] = MetaTensor(out, meta=lab.meta) if isinstance(lab, MetaTensor) else out
+        return d
+
+
+class NormaliseIntensityd(MapTransform, InvertibleTransform):
+    """Linear map of ``[lo, hi]`` to ``[-1, 1]`` with clipping; invertible.
+
+    CT: ``lo, hi`` is a fixed HU window. MRI: the volume's percentiles ``lo_pct, hi_pct``.
+    The values used are recorded, so ``inverse`` returns HU / the original range.
+    """
+
+    def __init__(
+        self,
+        keys,
+        window: Sequence[float] | None = None,
+        percentiles: Sequence[float] | None = None,
+    ):
+        super().__init__(keys)
+        if (window is None) == (percentiles is None):
+            raise ValueError("give exactly one of window (CT) or percentiles (MRI)")
+        self.window, self.percentiles = window, percentiles
+
+    def _range(self, img: torch.Tensor) -> tuple[float, float]:
+        if self.window is not None:
+            return float(self.window[0]), float(self.window[1])
+        flat = img.detach().float().flatten()
+        q = torch.tensor([p / 100.0 for p in self.percentiles])
+        lo, hi = torch.quantile(flat[:: max(1, flat.numel() // 2_000_000)], q).tolist()
+        return lo, max(hi, lo + 1e-6)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lo, hi = self._range(d[key])
+            out = ((d[key].float() - lo) / (hi - lo) * 2.0 - 1.0).clamp(-1.0, 1.0)
+            d[key] = out
+            self.push_transform(d[key], extra_info={"lo": lo, "hi": hi})
+        return d
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            info = self.pop_transform(d[key])["extra_info"]
+            d[key] = to_original_intensity(d[key], info["lo"], info["hi"])
+        return d
+
+
+def to_original_intensity(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """[-1, 1] -> ``[lo, hi]`` (HU for CT), the inverse of the normalisation."""
+    return (x + 1.0) / 2.0 * (hi - lo) + lo
+
+
+def volume_transforms(
+    modality: str,
+    pixdim: Sequence[float],
+    spatial_size: Sequence[int],
+    num_classes: int,
+    source_map: Mapping[int, int] | None = None,
+    z_margin: int = 2,
+    one_hot: bool = False,
+    ct_window: Sequence[float] = CT_WINDOW,
+    mri_percentiles: Sequence[float] = MRI_PERCENTILES,
+    load: bool = True,
+) -> Compose:
+    """The preprocessing chain for ``{"image": path, "label": path}`` cases.
+
+    Returns ``image (1, H, W, D)`` in [-1, 1] and ``label (1, H, W, D)`` with values
+    ``0..num_classes-1`` (``(num_classes, H, W, D)`` {0, 1} when ``one_hot``).
+    ``spatial_size = (H, W, D)``: H, W are padded/cropped at ``pixdim``; the labelled
+    z-range is resized to D slices so slice index means the same anatomy in every case.
+    """
+    keys = ["image", "label"]
+    if modality not in ("CT", "MRI"):
+        raise ValueError(f"modality must be CT or MRI, got {modality!r}")
+    h, w, depth = (int(s) for s in spatial_size)
+    intensity = (
+        NormaliseIntensityd("image", window=ct_window)
+        if modality == "CT"
+        else NormaliseIntensityd("image", percentiles=mri_percentiles)
+    )
+    steps = [
+        LoadImaged(keys, reader="NibabelReader", ensure_channel_first=True, image_only=True)
+        if load
+        else EnsureTyped(keys, track_meta=True),
+        EnsureTyped(keys, dtype=torch.float32, track_meta=True),
+        Orientationd(keys, axcodes="RAS", labels=None),
+        Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")),
+        RemapLabelsd("label", source_map),
+        CropForegroundd(
+            keys,
+            source_key="label",
+            select_fn=any_label_in_slice,
+            margin=(0, 0, int(z_margin)),
+            allow_smaller=True,
+        ),
+        intensity,
+        Resized("image", spatial_size=(-1, -1, depth), mode="trilinear", anti_aliasing=False),
+        Resized("label", spatial_size=(-1, -1, depth), mode="nearest-exact"),
+        ResizeWithPadOrCropd("image", spatial_size=(h, w, -1), value=-1.0),
+        ResizeWithPadOrCropd("label", spatial_size=(h, w, -1)),
+    ]
+    if one_hot:
+        steps.append(AsDiscreted("label", to_onehot=num_classes))
+    return Compose(steps)
+
+
+def invert_image(model_image: torch.Tensor, reference: dict, transforms: Compose) -> MetaTensor:
+    """Bring a model-space image ``(1, H, W, D)`` back to the source grid and intensity range.
+
+    ``reference`` is the output of ``transforms`` for the case (its ``image`` carries the
+    applied operations); the result has the source shape, affine and HU / original values.
+    """
+    ref = reference["image"]
+    pred = MetaTensor(
+        model_image, meta=dict(ref.meta), applied_operations=list(ref.applied_operations)
+    )
+    inverter = Invertd(
+        keys="pred", transform=transforms, orig_keys="image", nearest_interp=False, to_tensor=True
+    )
+    return inverter({"pred": pred, "image": ref})["pred"]
+
+
+def grid_pixdim(
+    field_of_view: Sequence[float], spatial_size: Sequence[int], z_spacing: float | None = None
+) -> list[float]:
+    """Voxel size (mm) of a model grid of ``spatial_size`` covering ``field_of_view`` (mm).
+
+    ``z_spacing`` replaces the axial spacing, e.g. for the resampling step that runs before
+    the labelled z-range is resized to the grid's depth.
+    """
+    pixdim = [float(f) / int(s) for f, s in zip(field_of_view, spatial_size)]
+    return pixdim if z_spacing is None else [*pixdim[:2], float(z_spacing)]
+
+
+def model_space_affine(pixdim: Sequence[float], spatial_size: Sequence[int]) -> np.ndarray:
+    """RAS affine ``4x4`` for a generated volume: spacing ``pixdim``, centred on the origin."""
+    affine = np.diag([*map(float, pixdim), 1.0])
+    affine[:3, 3] = -np.asarray(pixdim, float) * (np.asarray(spatial_size, float) - 1) / 2.0
+    return affine

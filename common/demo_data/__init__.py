@@ -1,1 +1,0 @@
-"""Demo cohorts made offline: thorax CT phantoms and brain MRI from the MNI152 template."""

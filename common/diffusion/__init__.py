@@ -1,0 +1,1 @@
+"""Diffusion over MONAI schedulers: training targets, the sampling loop, seeded batches."""

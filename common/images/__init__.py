@@ -1,0 +1,1 @@
+"""Image generation: the sequence generator, the three-view refiner, image metrics."""

@@ -1,0 +1,187 @@
+"""Mask volumes -> paired image volumes as files: ``synthesize_images`` runs an
+``ImagePipeline`` (sequence generator, then the three-view refiner) over a mask datalist.
+
+Masks come as a datalist on the model grid (``mask_diffusion`` output, or real masks brought
+to the grid by ``export_model_space``). Images are written next to them in HU / the original
+range with the mask's affine: ``images/`` (refined) and ``images_sequence/`` (the sequence
+generator alone, for comparison), plus a paired ``datalist.json``. Reruns skip finished cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.core.distributed import rank0_writes, shard
+from common.core.io import save_nifti
+from common.core.seeds import case_seed
+from common.data.datalists import (
+    datalist_label_set,
+    datalist_modality,
+    read_datalist,
+    write_datalist,
+)
+from common.data.transforms import to_original_intensity
+from common.data.validate import require_valid
+from common.images.pipeline import ImagePipeline
+
+
+def export_model_space(datalist: str | Path, preprocessing, output_dir: str | Path) -> Path:
+    """Write each case of ``datalist`` on the model grid (``preprocessing`` output) as NIfTI.
+
+    Image values go back to HU / the original range of the modality window; returns the
+    new datalist. Used to synthesise from real held-out masks and compare with their images.
+    """
+    require_valid(datalist)
+    doc = read_datalist(datalist)
+    label_set, modality = datalist_label_set(doc, datalist), datalist_modality(doc, datalist)
+    out = Path(output_dir)
+    cases = []
+    for case in tqdm(doc["training"], desc="model grid"):
+        name = case.get("case") or Path(case["label"]).name.split(".")[0]
+        item = preprocessing({"image": case["image"], "label": case["label"]})
+        affine = np.asarray(item["image"].affine)
+        lo, hi = _range_of(item["image"])
+        image = to_original_intensity(item["image"][0].as_tensor(), lo, hi).numpy()
+        paths = {
+            "image": out / "images" / f"{name}.nii.gz",
+            "label": out / "labels" / f"{name}.nii.gz",
+        }
+        save_nifti(image.astype(np.float32), affine, paths["image"])
+        save_nifti(item["label"][0].numpy().round().astype(np.uint8), affine, paths["label"])
+        cases.append({**paths, "case": name, "value_range": [lo, hi]})
+    return write_datalist(out / "datalist.json", cases, label_set, modality, "model_space")
+
+
+def _range_of(image) -> tuple[float, float]:
+    """The ``[lo, hi]`` the normalisation step mapped to [-1, 1] (from the applied operations)."""
+    for op in image.applied_operations:
+        if op["class"] == "NormaliseIntensityd":
+            return float(op["extra_info"]["lo"]), float(op["extra_info"]["hi"])
+    raise ValueError("the image went through no NormaliseIntensityd step")
+
+
+def synthesize_images(
+    pipeline: ImagePipeline,
+    mask_datalist: str | Path,
+    output_dir: str | Path,
+    value_range: Sequence[float],
+    seed: int = 0,
+    batch_size: int = 4,
+) -> Path:
+    """Images for every mask of ``mask_datalist`` from ``pipeline``; returns
+    ``output_dir/datalist.json``.
+
+    Args:
+        pipeline: masks -> (sequence-only, refined) images; its settings (refined, t0,
+            guidance, steps) are recorded in the datalist.
+        value_range: model [-1, 1] maps back to this range (CT: the HU window).
+        seed: a case without a recorded ``seed`` uses ``case_seed(seed, k)``.
+        batch_size: volumes per pipeline call (the result does not depend on it).
+
+    The masks are expected valid (``medgen3d validate``; the bundle config checks them before
+    any network loads). Under torchrun each rank makes its share of the cases
+    (``common.core.distributed.shard``); rank 0 writes the datalist once every rank finished.
+    """
+    doc = read_datalist(mask_datalist)
+    label_set, modality = (
+        datalist_label_set(doc, mask_datalist),
+        datalist_modality(doc, mask_datalist),
+    )
+    out = Path(output_dir)
+    cases = []
+    for k, case in enumerate(doc["training"]):
+        name = case.get("case", Path(case["label"]).name.split(".")[0])
+        cases.append(
+            {
+                "image": str(out / "images" / f"{name}.nii.gz"),
+                "image_sequence": str(out / "images_sequence" / f"{name}.nii.gz"),
+                "label": case["label"],
+                "case": name,
+                "seed": int(case.get("seed", case_seed(seed, k))),
+            }
+        )
+    todo = [c for c in shard(cases) if not Path(c["image"]).exists()]  # this rank's share
+    for start in tqdm(range(0, len(todo), batch_size), desc="image volumes", disable=not todo):
+        batch = todo[start : start + batch_size]
+        labels = [nib.load(c["label"]) for c in batch]
+        onehot = _one_hot([np.asarray(img.dataobj) for img in labels], label_set.num_classes)
+        rough, final = pipeline(onehot, [c["seed"] for c in batch])
+        for case, img, r, f in zip(batch, labels, rough.cpu(), final.cpu()):
+            for key, volume in (("image_sequence", r), ("image", f)):
+                hu = to_original_intensity(volume[0], *value_range).numpy().astype(np.float32)
+                save_nifti(hu, img.affine, case[key])
+    path = (out / "datalist.json").absolute()
+    rank0_writes(
+        lambda: write_datalist(
+            path,
+            cases,
+            label_set,
+            modality,
+            "synthetic_pairs",
+            refined=pipeline.refine,
+            t0=pipeline.t0,
+            guidance=pipeline.guidance,
+            steps=pipeline.steps,
+        )
+    )
+    return path
+
+
+def _one_hot(labels: list[np.ndarray], num_classes: int) -> torch.Tensor:
+    """Label volumes ``(H, W, D)`` -> one-hot ``(B, K, H, W, D)`` float {0, 1}."""
+    stacked = torch.as_tensor(np.stack(labels).astype(np.int64))
+    return F.one_hot(stacked, num_classes).movedim(-1, 1).float()
+
+
+def evaluate_synthesis(
+    synthetic_datalist: str | Path,
+    real_datalist: str | Path,
+    value_range: Sequence[float],
+    output_dir: str | Path,
+    seed: int = 0,
+) -> dict:
+    """Table-1-style comparison of ``images_sequence`` (stage 1) and ``images`` (refined)
+    with the real images of ``real_datalist`` (both on the model grid).
+
+    Paired metrics (MAE/PSNR/SSIM) are computed when the synthetic cases were made from the
+    real masks (same label files). Writes ``image_metrics.{json,md}`` to ``output_dir``.
+    """
+    from common.images.metrics import evaluate_images, write_report
+
+    syn, real = read_datalist(synthetic_datalist), read_datalist(real_datalist)
+    label_set = datalist_label_set(real, real_datalist)
+    lo, hi = (float(v) for v in value_range)
+
+    def load(paths, labels=False):
+        arrays = [np.asarray(nib.load(p).dataobj) for p in paths]
+        if labels:
+            return [a.round().astype(np.int64) for a in arrays]
+        return torch.as_tensor(np.stack(arrays)[:, None] - lo).float() / (hi - lo) * 2 - 1
+
+    real_labels = load([c["label"] for c in real["training"]], labels=True)
+    syn_labels = load([c["label"] for c in syn["training"]], labels=True)
+    paired = [c["label"] for c in syn["training"]] == [c["label"] for c in real["training"]]
+    real_images = load([c["image"] for c in real["training"]])
+    results = {
+        name: evaluate_images(
+            load([c[key] for c in syn["training"]]),
+            real_images,
+            syn_labels,
+            real_labels,
+            label_set,
+            (lo, hi),
+            seed=seed,
+            paired=paired,
+        )
+        for name, key in (("sequence generator only", "image_sequence"), ("refined", "image"))
+        if all(key in c for c in syn["training"])
+    }
+    write_report(results, output_dir)
+    return results

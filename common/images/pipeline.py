@@ -1,0 +1,97 @@
+"""Masks -> images in one object (as diffusers composes models and a scheduler).
+
+``ImagePipeline(onehot (B, K, H, W, D), seeds)`` runs the sequence generator, then the view
+refiners, and returns both volumes; no file I/O (``common.images.generation`` writes them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from monai.networks.schedulers import Scheduler
+from torch import nn
+
+from common.core.io import load_weights
+from common.images.refiner import VIEWS, load_view_models, refine_volume
+from common.images.sequence_generator import generate_volume
+
+
+class ImagePipeline:
+    """Sequence generator, then the three-view refiner (MedGen3D image stages 1 and 2).
+
+    Args:
+        generator: the slice generator (``SliceGenerator``), weights loaded.
+        refiners: ``{view: network}`` for some of ``axial``, ``coronal``, ``sagittal``.
+        scheduler: the refiners' sampler (``common.diffusion.schedulers.make_scheduler``).
+        t0, guidance, steps, slice_batch, bf16: as ``common.images.refiner.refine_volume``.
+        refine: False returns the generator's volume as the refined one (no refiners needed).
+
+    ``pipeline(onehot, seeds)``: one-hot {0, 1} masks ``(B, K, H, W, D)`` and one seed per
+    volume (or an int, see ``refine_volume``) -> ``(sequence_only, refined)``, both
+    ``(B, 1, H, W, D)`` in [-1, 1] on the generator's device. A volume's result depends on
+    its mask and seed alone, not on the other volumes of the batch or on ``slice_batch``.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        refiners: Mapping[str, nn.Module],
+        scheduler: Scheduler,
+        t0: int = 10,
+        guidance: float = 1.5,
+        steps: int = 1000,
+        slice_batch: int = 64,
+        refine: bool = True,
+        bf16: bool = False,
+    ):
+        if refine and not refiners:
+            raise ValueError("refine=True needs refiners {view: network}")
+        self.generator, self.refiners, self.scheduler = generator.eval(), dict(refiners), scheduler
+        self.t0, self.guidance, self.steps = int(t0), float(guidance), int(steps)
+        self.slice_batch, self.refine, self.bf16 = int(slice_batch), bool(refine), bool(bf16)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        generator: nn.Module,
+        refiner: nn.Module,
+        ckpt_dir: str | Path,
+        views: Sequence[str] = VIEWS,
+        refine: bool = True,
+        device: str | torch.device = "cpu",
+        **settings,
+    ) -> ImagePipeline:
+        """The pipeline with ``ckpt_dir/generator.pt`` in ``generator`` and
+        ``ckpt_dir/refiner_<view>.pt`` in a copy of ``refiner`` per view (not read when
+        ``refine`` is False), on ``device``; ``settings`` go to the constructor."""
+        generator = load_weights(generator, Path(ckpt_dir) / "generator.pt").to(device)
+        refiners = load_view_models(refiner, ckpt_dir, views, device) if refine else {}
+        return cls(generator, refiners, refine=refine, **settings)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(
+        self, onehot: torch.Tensor, seeds: int | Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        onehot = onehot.to(self.device)
+        rough = generate_volume(self.generator, onehot)
+        if not self.refine:
+            return rough, rough
+        refined = refine_volume(
+            self.refiners,
+            self.scheduler,
+            rough,
+            onehot,
+            self.t0,
+            self.guidance,
+            self.steps,
+            seeds,
+            self.slice_batch,
+            bf16=self.bf16,
+        )
+        return rough, refined

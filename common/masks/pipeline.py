@@ -1,0 +1,97 @@
+"""MaskPipeline: MC-DPM network + scheduler + sampling settings; seeds in, label volumes out.
+
+No file I/O: ``common.masks.generation.generate_mask_cases`` writes what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.schedulers import Scheduler
+
+from common.data.labels import LabelSet
+from common.masks.mcdpm import keep_single_components, sample_mask_volumes
+
+
+def single_component_ids(labels: LabelSet) -> list[int]:
+    """Label values of the organs that are one connected piece (``labels.single_component``)."""
+    return [labels.names.index(name) for name in labels.single_component]
+
+
+class MaskPipeline:
+    """Sample whole label volumes ``(B, H, W, D)`` window by window, one per seed.
+
+    ``network`` (with its weights loaded) predicts for windows of ``m`` slices given ``n``
+    (``common.masks.mcdpm``); ``scheduler`` and ``steps`` choose the sampler. Volume ``b``
+    depends only on ``seeds[b]``, not on the batch it is sampled in; ``batch_size`` volumes
+    are sampled together. Post-processing (``keep_largest``) keeps the largest 26-connected
+    piece of each label in ``single_component``. ``eta`` (DDIM only): 1 adds fresh noise every
+    step as DDPM does, 0 is deterministic DDIM. ``bf16`` runs the network under bf16 autocast.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        scheduler: Scheduler,
+        num_classes: int,
+        spatial_size: Sequence[int],
+        m: int,
+        n: int,
+        steps: int,
+        guidance: float = 1.0,
+        eta: float = 1.0,
+        keep_largest: bool = True,
+        single_component: Sequence[int] = (),
+        batch_size: int = 4,
+        device: str | torch.device = "cpu",
+        bf16: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.scheduler = scheduler
+        self.num_classes, self.m, self.n = int(num_classes), int(m), int(n)
+        self.spatial_size = [int(s) for s in spatial_size]
+        self.steps, self.guidance, self.eta = int(steps), float(guidance), float(eta)
+        self.keep_largest, self.single_component = bool(keep_largest), list(single_component)
+        self.batch_size, self.bf16 = int(batch_size), bool(bf16)
+
+    def __call__(
+        self,
+        seeds: Sequence[int],
+        postprocess: bool = True,
+        z0: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Label volumes ``(len(seeds), H, W, D)`` int64 on the CPU, values ``0..K-1``.
+
+        ``postprocess=False`` returns them as sampled (no ``keep_largest``); ``z0`` fixes each
+        volume's first window start instead of drawing it from its seed.
+        """
+        out = []
+        for start in range(0, len(seeds), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            volumes = sample_mask_volumes(
+                self.network,
+                self.scheduler,
+                self.num_classes,
+                self.spatial_size,
+                self.m,
+                self.n,
+                self.steps,
+                seeds=list(seeds[chunk]),
+                guidance=self.guidance,
+                z0=None if z0 is None else list(z0[chunk]),
+                device=self.device,
+                progress=progress,
+                bf16=self.bf16,
+                eta=self.eta,
+            )
+            if postprocess and self.keep_largest:
+                single = self.single_component
+                volumes = torch.stack([keep_single_components(v, single) for v in volumes])
+            out.append(volumes)
+        h, w, d = self.spatial_size
+        return torch.cat(out) if out else torch.zeros(0, h, w, d, dtype=torch.long)

@@ -1,0 +1,1 @@
+"""Downstream segmentation: networks, case lists, regimes, the study runner and its metrics."""

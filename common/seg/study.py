@@ -1,0 +1,270 @@
+"""The downstream segmentation study (MedGen3D, Table 2): does synthetic data help a network?
+
+``seg_study`` trains every network under every regime (``common.seg.regimes``) and tests each
+final model on held-out cases. Every stage and every evaluation is a run of the
+seg_downstream bundle's own configs (``monai.bundle.run``) with the chosen scale and dataset
+presets and per-run overrides, so the bundle stays the source of truth. Stages shared by
+regimes (E2-4 starts from E2-2's model) are trained once per network, and a rerun keeps every
+stage that finished with the same cases, settings and configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.core.bundle_configs import bundle_parser, config_files
+from common.core.errors import DataError
+from common.core.io import read_json, write_json
+from common.seg.cases import write_cases
+from common.seg.metrics import write_results
+from common.seg.networks import NETWORKS
+from common.seg.regimes import E2_REGIMES, Stage, assemble, plan_stages, regime_dataset, stage_cases
+
+REPO_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "seg_downstream"
+# the study's settings: the presets' values unless seg_study is given others
+STUDY_KEYS = (
+    "test_cases",
+    "val_cases",
+    "synthetic_ratio",
+    "transfer_cases",
+    "seed",
+    "max_epochs",
+    "finetune_epochs",
+    "lr",
+    "finetune_lr",
+)
+
+
+@dataclass
+class _Study:
+    """What every run of a study shares: bundle, presets, settings and the case pools."""
+
+    bundle: Path
+    scale: str
+    dataset: str | None
+    settings: dict
+    overrides: dict
+    datasets: dict[str, dict]  # real / transfer: cases, label_set, modality
+    splits: dict[str, dict[str, list[dict]]]  # real / transfer: train, val, test
+    pools: dict[str, list[dict]]  # real / synthetic / transfer: training cases
+    test_datalists: dict[str, Path] = field(default_factory=dict)
+    records: dict[tuple[str, str], dict] = field(default_factory=dict)
+
+    def configs(self, *stage_files: str) -> list[Path]:
+        """The bundle's stage files, then the scale and the dataset preset."""
+        return config_files(self.bundle, stage_files, self.scale, self.dataset)
+
+    def run(self, run_id: str, configs: list[Path], overrides: dict) -> None:
+        """``monai.bundle.run`` of ``run_id`` in this process, user overrides under ours."""
+        from monai.bundle import run
+
+        run(
+            run_id,
+            config_file=[str(c) for c in configs],
+            meta_file=str(self.bundle / "configs" / "metadata.json"),
+            logging_file=str(self.bundle / "configs" / "logging.conf"),
+            **{**self.overrides, **overrides},
+        )
+
+    def dataset_overrides(self, dataset: str) -> dict:
+        """``num_classes`` and ``modality`` of a dataset's datalist."""
+        ds = self.datasets[dataset]
+        return {"num_classes": ds["label_set"].num_classes, "modality": ds["modality"]}
+
+
+def _names(value: str | Sequence[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``."""
+    items = value.split(",") if isinstance(value, str) else value
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def study_settings(
+    bundle: Path, scale: str, dataset: str | None, overrides: Mapping, given: Mapping
+) -> dict:
+    """``STUDY_KEYS`` values: ``given`` (where not None) over ``overrides`` over the configs
+    (train.yaml, then the presets)."""
+    parser = bundle_parser(bundle, ["train.yaml"], scale, dataset, overrides)
+    return {
+        k: given[k] if given.get(k) is not None else parser.get_parsed_content(k)
+        for k in STUDY_KEYS
+    }
+
+
+def _train_stage(study: _Study, stage: Stage, network: str, root: Path) -> dict:
+    """Train one stage in ``root/<network>/<stage>`` unless an identical run finished there.
+
+    Returns the stage's record (its cases, settings and starting point), kept in stage.json.
+    """
+    stage_dir = root / network / stage.name
+    configs = study.configs("train.yaml")
+    cases = stage_cases(stage, study.pools)
+    val = study.splits[stage.dataset]["val"]
+    epochs = study.settings["finetune_epochs" if stage.finetune else "max_epochs"]
+    lr = study.settings["finetune_lr" if stage.finetune else "lr"]
+    record = {
+        "network": network,
+        "train": [c["image"] for c in cases],
+        "val": [c["image"] for c in val],
+        "epochs": epochs,
+        "lr": lr,
+        "init": study.records[(network, stage.init)] if stage.init else None,
+        "overrides": json.loads(json.dumps(study.overrides, default=str)),
+        "configs": hashlib.sha256(b"".join(c.read_bytes() for c in configs)).hexdigest(),
+    }
+    model, done = stage_dir / "models" / "model.pt", stage_dir / "stage.json"
+    if model.exists() and done.exists() and read_json(done) == record:
+        print(f"  {network} {stage.name}: finished before, kept")
+        return record
+    done.unlink(missing_ok=True)
+    started = stage_dir / "started.json"  # a killed run of this record resumes; others restart
+    if not (started.exists() and read_json(started) == record):
+        model.unlink(missing_ok=True)
+        (stage_dir / "models" / "resume.pt").unlink(missing_ok=True)
+    write_json(record, started)
+    sections = {"training": cases, "validation": val}
+    datalist = write_cases(stage_dir / "datalist.json", study.datasets[stage.dataset], sections)
+    init = root / network / str(stage.init) / "models" / "model.pt" if stage.init else ""
+    start = time.time()
+    study.run(
+        "training",
+        configs,
+        {
+            "bundle_root": str(stage_dir),
+            "output_dir": str(stage_dir / "runs"),
+            "datalist": str(datalist),
+            "network_name": network,
+            **study.dataset_overrides(stage.dataset),
+            "max_epochs": epochs,
+            "lr": lr,
+            "init_ckpt": str(init),
+            "seed": study.settings["seed"],
+            "validate_data": False,
+        },
+    )
+    if not model.exists():
+        raise DataError(
+            str(stage_dir), "training saved no models/model.pt", "set val_interval <= max_epochs"
+        )
+    write_json(record, done)
+    print(f"  {network} {stage.name}: {len(cases)} cases, {time.time() - start:.0f} s")
+    return record
+
+
+def _evaluate(study: _Study, regime: str, network: str, root: Path) -> dict:
+    """Test the regime's model on its dataset's held-out cases; the metrics summary."""
+    stage_dir = root / network / regime
+    dataset = regime_dataset(regime)
+    study.run(
+        "evaluating",
+        study.configs("train.yaml", "evaluate.yaml"),
+        {
+            "bundle_root": str(stage_dir),
+            "datalist": str(study.test_datalists[dataset]),
+            "network_name": network,
+            **study.dataset_overrides(dataset),
+        },
+    )
+    return read_json(stage_dir / "eval" / "metrics.json")
+
+
+def seg_study(
+    real: str,
+    synthetic: str | None = None,
+    networks: str | Sequence[str] = "unet3d",
+    regimes: str | Sequence[str] = ",".join(E2_REGIMES),
+    out: str = "outputs/seg_study",
+    scale: str = "demo",
+    dataset: str | None = None,
+    test_cases: int | None = None,
+    val_cases: int | None = None,
+    synthetic_ratio: float | None = None,
+    transfer: str | None = None,
+    transfer_cases: int | None = None,
+    seed: int | None = None,
+    max_epochs: int | None = None,
+    finetune_epochs: int | None = None,
+    overrides: Mapping | None = None,
+    bundle: str | None = None,
+) -> str:
+    """Train and test segmentation networks on real, synthetic and mixed data (MedGen3D E2/E3).
+
+    Splits the real datalist (seeded) into held-out test, validation and training cases, trains
+    every network under every regime with the seg_downstream bundle and tests each final model
+    on the held-out real cases (Dice, HD95). Writes OUT/results.md (rows = regimes, columns =
+    networks), results.csv/.json, splits.json and a folder per network and stage (datalist,
+    models/model.pt, TensorBoard runs/, eval/). A rerun keeps the stages that finished with
+    the same cases and settings.
+
+    Args:
+        real: datalist.json of the real cases (training pool and held-out test cases).
+        synthetic: datalist.json of synthetic pairs (from the generator bundles), same labels.
+        networks: comma-separated: unet2d, unet3d, unetr, swinunetr.
+        regimes: comma-separated: E2-1..E2-5, E3-scratch, E3-E2-1..E3-E2-5 (transfer).
+        out: output folder.
+        scale: the bundle's scale preset: tiny (tests), demo (CPU, minutes), paper (GPU) or
+            the path of a YAML file.
+        dataset: the bundle's dataset preset (thorax, brain or a YAML file), merged after the
+            scale for its geometry (field_of_view); None keeps the base configs' (thorax).
+            num_classes and modality always come from each run's datalist.
+        test_cases: held-out real test cases (default: the presets' test_cases).
+        val_cases: real validation cases that pick the best checkpoint (presets').
+        synthetic_ratio: synthetic cases per real training case (presets').
+        transfer: datalist.json of another dataset, for the E3 regimes.
+        transfer_cases: training cases taken from the transfer dataset (presets').
+        seed: seed of the split, the synthetic draw and training (presets').
+        max_epochs: epochs of a training stage (presets').
+        finetune_epochs: epochs of a fine-tuning stage (presets').
+        overrides: further bundle config overrides for every run, e.g. "{'batch_size': 4}".
+        bundle: the seg_downstream bundle folder (default: this repository's).
+    Returns the results tables (markdown).
+    """
+    start = time.time()
+    networks, regimes = _names(networks), _names(regimes)
+    unknown = sorted(set(networks) - set(NETWORKS))
+    if unknown or not networks:
+        raise DataError("--networks", f"unknown or no networks {unknown}", f"use {NETWORKS}")
+    plan = plan_stages(regimes)
+    bundle_dir = Path(bundle) if bundle else REPO_BUNDLE
+    overrides = dict(overrides or {})
+    given = {
+        "test_cases": test_cases,
+        "val_cases": val_cases,
+        "synthetic_ratio": synthetic_ratio,
+        "transfer_cases": transfer_cases,
+        "seed": seed,
+        "max_epochs": max_epochs,
+        "finetune_epochs": finetune_epochs,
+    }
+    settings = study_settings(bundle_dir, scale, dataset, overrides, given)
+    study = _Study(
+        bundle_dir,
+        scale,
+        dataset,
+        settings,
+        overrides,
+        *assemble(plan, real, synthetic, transfer, settings),
+    )
+    root = Path(out)
+    images = {
+        f"{d}_{k}": [c["image"] for c in v] for d, s in study.splits.items() for k, v in s.items()
+    }
+    pools = {f"{p}_pool": [c["image"] for c in v] for p, v in study.pools.items()}
+    write_json({"settings": settings, **images, **pools}, root / "splits.json")
+    for d, split in study.splits.items():
+        test = {"test": split["test"]}
+        study.test_datalists[d] = write_cases(root / f"{d}_test.json", study.datasets[d], test)
+    results = {}
+    for network in networks:
+        for i, stage in enumerate(plan, 1):
+            source = f", from {stage.init}" if stage.init else ""
+            print(f"[{network} {i}/{len(plan)}] {stage.name}: {' + '.join(stage.pools)}{source}")
+            study.records[(network, stage.name)] = _train_stage(study, stage, network, root)
+        for regime in regimes:
+            results[(regime, network)] = _evaluate(study, regime, network, root)
+    table = write_results(results, regimes, networks, root)
+    return f"{table}\nresults: {root / 'results.md'}\ntook {time.time() - start:.0f} s"

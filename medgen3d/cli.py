@@ -1,0 +1,253 @@
+"""``medgen3d``: the command line (python-fire). ``medgen3d --help`` lists the commands."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import fire
+
+from common.core.errors import DataError
+
+
+def demo_data(
+    dataset: str = "thorax",
+    cases: int = 12,
+    seed: int = 0,
+    out: str | None = None,
+    convention: str = "segthor",
+) -> str:
+    """Make a demo cohort (NIfTI pairs + datalist.json) that needs no download.
+
+    Args:
+        dataset: ``thorax`` (CT phantoms) or ``brain`` (MRI built from the MNI152 template).
+        cases: number of cases.
+        seed: cohort seed; case k depends only on (seed, k).
+        out: output folder (default ``data/<dataset>_demo``).
+        convention: thorax labels, ``segthor`` (4 organs) or ``structseg`` (6 organs).
+    Returns the path of the datalist.
+    """
+    from medgen3d.demo_data import make_demo_cohort
+
+    return str(make_demo_cohort(dataset, out or f"data/{dataset}_demo", cases, seed, convention))
+
+
+def import_dataset(
+    layout: str, src: str, out: str, label_set: str | None = None, modality: str | None = None
+) -> str:
+    """Write a datalist.json for a dataset on disk; source files are never changed.
+
+    Args:
+        layout: ``segthor``, ``structseg``, ``freesurfer`` or ``folders`` (imagesTr/ + labelsTr/).
+        src: the dataset's root folder.
+        out: path of the datalist to write (e.g. DIR/datalist.json).
+        label_set: a built-in label set name or a YAML file (required for ``folders``).
+        modality: ``CT`` or ``MRI`` (default from the layout).
+    Returns the path of the datalist.
+    """
+    from common.data.importers import import_dataset as run_import
+
+    return str(run_import(layout, src, out, label_set=label_set, modality=modality))
+
+
+def validate(datalist: str, affine_tol: float = 1e-3) -> str:
+    """Check every image/label pair of a datalist before training; changes no file.
+
+    Reports every bad case (file, problem, what to do) and exits with status 1 if any.
+
+    Args:
+        datalist: path of datalist.json.
+        affine_tol: largest allowed difference between image and label affines.
+    """
+    from common.data.validate import count_cases, format_report, validate_datalist
+
+    problems = validate_datalist(datalist, affine_tol=affine_tol)
+    n_cases = count_cases(datalist)
+    report = format_report(problems, n_cases)
+    if problems:
+        print(report, file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
+def preview(datalist: str, out: str, cases: int = 3) -> str:
+    """Write a PNG montage of the first cases with their masks overlaid.
+
+    Args:
+        datalist: path of datalist.json.
+        out: PNG path to write.
+        cases: how many cases (rows).
+    """
+    from medgen3d.preview import preview_datalist
+
+    return str(preview_datalist(datalist, out, cases=cases))
+
+
+def seg_study(
+    real: str,
+    synthetic: str | None = None,
+    networks: str = "unet3d",
+    regimes: str = "E2-1,E2-2,E2-3,E2-4,E2-5",
+    out: str = "outputs/seg_study",
+    scale: str = "demo",
+    **options,
+) -> str:
+    """Does synthetic data help segmentation? Train and test networks on real, synthetic and
+    mixed data (MedGen3D E2-1..E2-5, E3 transfer) and write results.md/csv/json to OUT.
+
+    Args:
+        real: datalist of real cases (split, seeded, into train / validation / held-out test).
+        synthetic: datalist of synthetic pairs (e.g. from `medgen3d generate`).
+        networks: comma-separated: unet2d, unet3d, unetr, swinunetr.
+        regimes: comma-separated: E2-1 real, E2-2 synthetic, E2-3 real+synthetic,
+            E2-4 synthetic then real, E2-5 real+synthetic then real, E3 transfer.
+        out: output folder; finished stages are kept on a rerun.
+        scale: the seg_downstream scale preset (tiny, demo, paper) or a YAML file.
+        options: dataset (thorax, brain: its field of view), test_cases, val_cases,
+            synthetic_ratio, transfer, transfer_cases, seed, max_epochs, finetune_epochs
+            (default: the presets' values).
+    Returns the markdown tables.
+    """
+    from common.seg.study import seg_study as run_study
+
+    return run_study(real, synthetic, networks, regimes, out, scale=scale, **options)
+
+
+def generate(
+    n: int = 8,
+    out: str = "outputs/generated",
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int | None = None,
+    refine: bool = True,
+    scale: str | None = None,
+    dataset: str | None = None,
+) -> str:
+    """Paired synthetic volumes (mask + image NIfTI and a datalist) from the trained bundles.
+
+    Uses the shipped demo weights unless the bundles' models/ hold others. A rerun keeps
+    finished cases; each case records its seed so it can be remade exactly.
+
+    Args:
+        n: number of paired volumes.
+        out: output folder: masks/, images/, images_sequence/ and datalist.json.
+        seed: run seed; case k depends only on (seed, k).
+        sampler: mask sampler, ddim or ddpm (default: the bundle config's, DDIM).
+        steps: mask sampling steps (default: the bundle config's; ddpm: up to 1000).
+        refine: run the three-view diffusion refiner (--norefine: sequence generator only).
+        scale, dataset: the presets of weights trained with others than the shipped ones,
+            e.g. --scale paper --dataset brain (default: the base configs, shipped weights).
+    Returns the path of the paired datalist.
+    """
+    from medgen3d.pairs import generate_pairs
+
+    start = time.time()
+    path = generate_pairs(n, out, seed, sampler, steps, refine=refine, scale=scale, dataset=dataset)
+    return f"{path}\ntook {time.time() - start:.0f} s"
+
+
+def demo(
+    dataset: str = "thorax",
+    out: str = "outputs/demo",
+    train: bool = False,
+    n: int = 8,
+    seed: int = 0,
+    **options,
+) -> str:
+    """The main job: demo cohort -> paired generation -> evaluation -> segmentation study ->
+    OUT/report.md with tables, timings and figures.
+
+    Args:
+        dataset: ``thorax`` (shipped weights, minutes) or ``brain`` (needs --train).
+        out: output folder; a rerun keeps finished volumes and study stages.
+        train: first retrain every generator stage at the demo scale (about 80 min on
+            2 CPU cores for the thorax).
+        n: synthetic pairs to generate.
+        seed: cohort and generation seed.
+        options: cases, heldout, sampler, steps, epochs (generator training), seg_epochs.
+    Returns the path of the report.
+    """
+    from medgen3d.demo import run_demo
+
+    start = time.time()
+    report = run_demo(dataset, out, train=train, n=n, seed=seed, **options)
+    return f"report: {report}\ntook {time.time() - start:.0f} s"
+
+
+def train(
+    stage: str,
+    scale: str = "demo",
+    dataset: str = "thorax",
+    out: str | None = None,
+    **overrides,
+) -> str:
+    """Train one stage with its bundle's own config (the command is printed first).
+
+    Args:
+        stage: masks (mask_diffusion), generator / refiner (image_synthesis; refiner takes
+            --view axial|coronal|sagittal) or seg (seg_downstream).
+        scale: tiny, demo, paper or a YAML file merged over the train config.
+        dataset: thorax, brain or a YAML file, merged after the scale.
+        out: checkpoints go to OUT/models, logs to OUT/runs (default outputs/train/STAGE).
+        overrides: any config key, e.g. --dataset_dir data/x --datalist data/x/train.json
+            --max_epochs 10.
+    """
+    from medgen3d.bundles import TRAIN_STAGES, run_stage, train_overrides
+
+    overrides = train_overrides(stage, out, overrides)
+    return run_stage(TRAIN_STAGES, stage, scale, dataset, overrides)
+
+
+def evaluate(stage: str, scale: str = "demo", dataset: str = "thorax", **overrides) -> str:
+    """Run one bundle's evaluation config (the command is printed first).
+
+    Args:
+        stage: masks (--generated_datalist G --datalist REAL), images (--mask_datalist M;
+            after `export_real`) or seg (--ckpt_path C --datalist D with a test section).
+        scale: tiny, demo, paper or a YAML file; dataset: thorax, brain or a YAML file.
+        overrides: any config key of that bundle.
+    """
+    from medgen3d.bundles import EVALUATE_STAGES, run_stage
+
+    return run_stage(EVALUATE_STAGES, stage, scale, dataset, overrides)
+
+
+def export(bundle: str, out: str = "outputs/export") -> str:
+    """Write OUT/BUNDLE/ and OUT/BUNDLE.zip: a self-contained bundle (configs, models, docs,
+    LICENSE, a copy of common/) that runs with `python -m monai.bundle run` anywhere.
+
+    Args:
+        bundle: mask_diffusion, image_synthesis or seg_downstream.
+        out: output folder.
+    """
+    from medgen3d.export import export_bundle
+
+    folder, archive = export_bundle(bundle, out)
+    return f"{folder}\n{archive}"
+
+
+COMMANDS = {
+    "demo": demo,
+    "demo-data": demo_data,
+    "import-dataset": import_dataset,
+    "validate": validate,
+    "preview": preview,
+    "seg-study": seg_study,
+    "generate": generate,
+    "train": train,
+    "evaluate": evaluate,
+    "export": export,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``medgen3d`` console command."""
+    try:
+        fire.Fire(COMMANDS, command=argv, name="medgen3d")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+if __name__ == "__main__":
+    main()
