@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.io import save_nifti
+from common.core.io import save_nifti
 
 
 @pytest.fixture
@@ -33,8 +33,8 @@ def smooth_ct_pair(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_segthor_datalist(tmp_path_factory):
     """Four 40x40x24 CT cases with the four SegTHOR labels as tubes and a blob; a datalist."""
-    from common.datalist import write_datalist
-    from common.labels import load_label_set
+    from common.data.datalists import write_datalist
+    from common.data.labels import load_label_set
 
     out = tmp_path_factory.mktemp("tiny_segthor")
     rng = np.random.default_rng(0)

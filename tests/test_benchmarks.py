@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import gpu, run, suite
-from common.mcdpm import plan_rounds
-from common.sequences import extension_plan
+from benchmarks import gpu, run, suite, training
+from benchmarks.report import report
+from common.masks.mcdpm import plan_rounds
+from common.masks.windows import extension_plan
 
 CKPT = suite.REPO / "bundles" / "mask_diffusion" / "models" / "model.pt"
 
@@ -20,6 +21,7 @@ def test_plan_rounds_cover_every_window_once():
         assert rounds[0] == [plan[0]] and len(rounds) == 1 + max(up, len(plan) - 1 - up)
 
 
+@pytest.mark.slow
 def test_suite_sections_and_report(tiny_segthor_datalist, tmp_path):
     memory: dict = {}
     real = suite.real_masks(tiny_segthor_datalist)
@@ -30,13 +32,14 @@ def test_suite_sections_and_report(tiny_segthor_datalist, tmp_path):
     assert list(rows) == ["DDPM-2", "DDIM-1 eta=1", "DDIM-1 eta=0 bf16", "RFLOW-1"]
     assert rows["RFLOW-1"]["quality"] is None  # a DDPM checkpoint: timing only
     quality, kept = rows["DDIM-1 eta=1"]["quality"], rows["DDIM-1 eta=1"]["quality_kept"]
-    assert 0 <= quality["z_continuity_gen"] <= 1 and kept["components_gen"] == 1
+    assert kept["components_gen"] == 1 <= quality["components_gen"]  # keep-largest merges
+    assert quality["components_real"] == 1.0 and quality["z_continuity_real"] > 0.8  # tubes
     assert mask["batched"]["ratio"] > 0 and mask["n_real"] == 4
     image = suite.image_stage(1, [64], memory, tiny_segthor_datalist)
     assert [r["bf16"] for r in image["refiner"]] == [False, True]
     assert image["refiner"][0]["forward_calls"] == image["t_steps"] * 3
-    training = suite.training(1, memory, tiny_segthor_datalist, suite.TRAININGS[-1:])
-    assert 0 < training[0]["loader_share"] < 1 and training[0]["samples_per_iter"] == 2
+    rows = training.training(1, memory, tiny_segthor_datalist, training.TRAININGS[-1:])
+    assert 0 < rows[0]["loader_share"] < 1 and rows[0]["samples_per_iter"] == 2
     scaling = suite.scaling([16, 24], [16, 32], (16, 16), 1)
     assert [(r["windows"], r["rounds"]) for r in scaling["by_depth"]] == [(3, 2), (5, 3)]
     assert all(m["peak_rss_mb"] > 0 for m in memory.values())
@@ -45,8 +48,8 @@ def test_suite_sections_and_report(tiny_segthor_datalist, tmp_path):
         ["--quick", "--out", str(tmp_path / "r.md"), "--datalist", str(tiny_segthor_datalist)]
     )
     results = {"context": _context(), "memory": memory, "mask": mask, "image": image}
-    results.update(training=training, scaling=scaling)
-    text = run.report(results, args)
+    results.update(training=rows, scaling=scaling)
+    text = report(results, args.train_iters)
     for heading in ("MC-DPM", "Image stage", "Training", "Peak resident", "Scaling", "Targets"):
         assert f"## {heading}" in text
     assert "timing only" in text and "speed-up vs DDPM-2" in text and "## Notes" in text
@@ -81,7 +84,7 @@ def test_parse_args_rejects_unknown_sections_and_missing_data(tmp_path):
 
 def test_gpu_script_runs_on_cpu_at_demo_size(capsys):
     rows = gpu.main(
-        ["--preset", "demo", "--device", "cpu", "--mask-sampler", "ddim:1"]
+        ["--scale", "demo", "--device", "cpu", "--mask-sampler", "ddim:1"]
         + ["--fast-sampler", "ddim:1", "--batch-volumes", "2"]
     )
     assert len(rows) == 8 and all(seconds > 0 for _, seconds, _ in rows)

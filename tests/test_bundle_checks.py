@@ -8,16 +8,16 @@ import pytest
 from bundle_helpers import REPO
 from monai.bundle import ConfigParser
 
-from common.errors import DataError
-from common.io import save_nifti
+from common.core.errors import DataError
+from common.core.io import save_nifti
+from medgen3d.bundles import TRAIN_STAGES
 
 BUNDLES = REPO / "bundles"
-TRAIN_CONFIGS = [
-    "mask_diffusion/configs/train.yaml",
-    "image_synthesis/configs/train_generator.yaml",
-    "image_synthesis/configs/train_refiner.yaml",
-    "seg_downstream/configs/train.yaml",
-]
+# every training run's config files, in merge order (the bundles' own stages)
+TRAIN_CONFIGS = {
+    name: [f"{stage.bundle}/configs/{c}" for c in stage.configs]
+    for name, stage in TRAIN_STAGES.items()
+}
 
 
 def _parser(*configs: str, **values) -> ConfigParser:
@@ -40,8 +40,8 @@ def _error(parser: ConfigParser, key: str) -> str:
 
 def _truncated_big_case(tmp_path):
     """A datalist of one 16^3 case whose image is truncated: only reading it would notice."""
-    from common.datalist import write_datalist
-    from common.labels import load_label_set
+    from common.data.datalists import write_datalist
+    from common.data.labels import load_label_set
 
     label = np.zeros((16, 16, 16), np.uint8)
     label[4:8, 4:8, 4:8] = 1
@@ -53,10 +53,10 @@ def _truncated_big_case(tmp_path):
     return write_datalist(tmp_path / "datalist.json", cases, load_label_set("segthor"), "CT", "t")
 
 
-@pytest.mark.parametrize("config", TRAIN_CONFIGS)
-def test_training_refuses_a_volume_over_the_memory_budget_from_its_header(config, tmp_path):
+@pytest.mark.parametrize("stage", TRAIN_CONFIGS)
+def test_training_refuses_a_volume_over_the_memory_budget_from_its_header(stage, tmp_path):
     datalist = _truncated_big_case(tmp_path)
-    parser = _parser(config, datalist=str(datalist), max_voxels=1000)
+    parser = _parser(*TRAIN_CONFIGS[stage], datalist=str(datalist), max_voxels=1000)
     message = _error(parser, "split")
     assert message.startswith(f"{datalist}: 1 of 1 cases have problems:")
     assert f"{tmp_path / 'i.nii.gz'}: has 4096 voxels (shape (16, 16, 16)), more than " in message
@@ -64,8 +64,8 @@ def test_training_refuses_a_volume_over_the_memory_budget_from_its_header(config
 
 
 def test_image_synthesis_inference_validates_the_masks_first(tmp_path):
-    from common.datalist import write_datalist
-    from common.labels import load_label_set
+    from common.data.datalists import write_datalist
+    from common.data.labels import load_label_set
 
     empty = save_nifti(np.zeros((8, 8, 8), np.uint8), np.eye(4), tmp_path / "m.nii.gz")
     masks = write_datalist(
@@ -123,5 +123,7 @@ def test_mask_generation_refuses_a_checkpoint_of_another_label_set(tmp_path):
 
 def test_seg_inference_refuses_another_bundles_checkpoint():
     ckpt = BUNDLES / "mask_diffusion" / "models" / "model.pt"
-    message = _error(_parser("seg_downstream/configs/inference.yaml", ckpt_path=str(ckpt)), "model")
+    message = _error(
+        _parser("seg_downstream/configs/inference.yaml", ckpt_path=str(ckpt)), "load_model"
+    )
     assert message.startswith(f"{ckpt}: does not fit this network (")

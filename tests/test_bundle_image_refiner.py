@@ -5,24 +5,14 @@ import json
 import pytest
 import torch
 from bundle_helpers import REPO, monai_bundle, overrides
-from monai.bundle import ConfigParser, verify_net_in_out
+from monai.bundle import verify_net_in_out
 
-from common.diffusion import make_scheduler
-from common.refiner import load_view_models, refine_volume
+from common.core.bundle_configs import bundle_parser, config_files
+from common.diffusion.schedulers import make_scheduler
+from common.images.refiner import load_view_models, refine_volume
 
 BUNDLE = REPO / "bundles" / "image_synthesis"
-CONFIG = "['configs/train_refiner.yaml']"
-TINY = {
-    "pixdim": [6.0, 6.0, 5.0],
-    "spatial_size": [16, 16, 12],
-    "sdm_channels": [8, 8],
-    "sdm_attention": [False, False],
-    "sdm_norm_groups": 4,
-    "sdm_head_channels": 8,
-    "sdm_spade_channels": 8,
-    "sdm_slices_per_volume": 2,
-    "sdm_batch_size": 4,
-}
+STAGE = ("inference.yaml", "train.yaml", "train_refiner.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -36,23 +26,16 @@ def _one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _network(values: dict) -> torch.nn.Module:
-    parser = ConfigParser()
-    parser.read_config(BUNDLE / "configs" / "train_refiner.yaml")
-    parser.update(values)
-    return parser.get_parsed_content("network_def")
-
-
+@pytest.mark.slow
 def test_train_two_views(tiny_segthor_datalist, tmp_path):
     root = tmp_path / "bundle"
-    tiny = overrides(
-        {**TINY, "bundle_root": str(root), "dataset_dir": str(tiny_segthor_datalist.parent)}
-    )
+    values = {"bundle_root": str(root), "dataset_dir": str(tiny_segthor_datalist.parent)}
+    configs = str([str(f) for f in config_files(BUNDLE, STAGE, "tiny", "thorax")])
+    run = ("run", "training", "--config_file", configs, *overrides(values))
     # axial: 2 epochs of one batch (3 training cases), validating each epoch
-    run = ("run", "training", "--config_file", CONFIG, *tiny)
-    monai_bundle(*run, "--sdm_max_epochs", "2", "--sdm_val_interval", "1", cwd=BUNDLE)
+    monai_bundle(*run, "--sdm_max_epochs", "2", cwd=BUNDLE)
     # coronal (16 x 12 slices): one iteration, no validation
-    monai_bundle(*run, "--view", "coronal", "--sdm_max_epochs", "1", cwd=BUNDLE)
+    monai_bundle(*run, "--view", "coronal", "--sdm_val_interval", "2", cwd=BUNDLE)
     models = root / "models"
     assert sorted(p.name for p in models.iterdir()) == [
         "refiner_axial.pt",
@@ -65,7 +48,8 @@ def test_train_two_views(tiny_segthor_datalist, tmp_path):
     for name in ("refiner_axial.pt", "refiner_coronal.pt"):
         state = torch.load(models / name, map_location="cpu", weights_only=True)
         assert "conv_in.conv.weight" in state  # a plain state dict, not {"model": ...}
-    views = load_view_models(_network(TINY), models, ["axial", "coronal"])
+    network = bundle_parser(BUNDLE, STAGE, "tiny", "thorax").get_parsed_content("refiner_def")
+    views = load_view_models(network, models, ["axial", "coronal"])
     mask = torch.nn.functional.one_hot(torch.randint(0, 5, (1, 16, 16, 12)), 5).movedim(-1, 1)
     out = refine_volume(views, make_scheduler("ddpm"), torch.zeros(1, 1, 16, 16, 12), mask, t0=2)
     assert out.shape == (1, 1, 16, 16, 12) and out.isfinite().all()
@@ -82,9 +66,9 @@ def test_verify_net_in_out(tmp_path):
     }
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
     verify_net_in_out(  # MONAI's own check, in-process to save an interpreter start
-        net_id="network_def",
+        net_id="refiner_def",
         meta_file=str(tmp_path / "metadata.json"),
-        config_file=str(BUNDLE / "configs" / "train_refiner.yaml"),
+        config_file=[str(f) for f in config_files(BUNDLE, STAGE, "tiny", "thorax")],
         n=2,
         extra_forward_args={"timesteps": 1},
     )

@@ -1,67 +1,75 @@
-"""The mask_diffusion bundle through `python -m monai.bundle`, at a tiny size."""
+"""The mask_diffusion bundle through `python -m monai.bundle`: the tiny preset, and the base
+config alone with the shipped weights."""
 
 import json
 
 import nibabel as nib
-from bundle_helpers import REPO, monai_bundle, overrides
+import pytest
+import torch
+from bundle_helpers import REPO, monai_bundle
+from monai.bundle import ConfigParser
 
-from common.validate import validate_datalist
+from common.core.bundle_configs import config_files
+from common.data.validate import validate_datalist
 
 BUNDLE = REPO / "bundles" / "mask_diffusion"
-TINY = {
-    "pixdim": [6.0, 6.0, 5.0],
-    "spatial_size": [16, 16, 12],
-    "output_pixdim": [6.0, 6.0, 5.0],
-    "m": 4,
-    "n": 2,
-    "unet_channels": [8, 8],
-    "unet_attention": [False, False],
-    "unet_norm_groups": 4,
-    "unet_head_channels": 8,
-}
 
 
+def _configs(*stage_files: str) -> str:
+    """``--config_file`` value: the stage files, then the tiny and thorax presets."""
+    return str([str(f) for f in config_files(BUNDLE, stage_files, "tiny", "thorax")])
+
+
+@pytest.mark.slow
 def test_train_generate_evaluate(tiny_segthor_datalist, tmp_path):
-    data_dir = str(tiny_segthor_datalist.parent)
-    root = str(tmp_path / "bundle")
-    tiny = overrides({**TINY, "bundle_root": root, "dataset_dir": data_dir})
-    # training from inside the bundle folder: 2 iterations (2 epochs of one batch)
-    monai_bundle(
-        "run",
-        "training",
-        "--config_file",
-        "['configs/train.yaml','configs/demo.yaml']",
-        *tiny,
-        "--max_epochs",
-        "2",
-        "--val_interval",
-        "1",
-        "--batch_size",
-        "4",
-        cwd=BUNDLE,
-    )
-    assert (tmp_path / "bundle" / "models" / "model.pt").exists()
-    assert (tmp_path / "bundle" / "models" / "model_best.pt").exists()
-    # inference from the repo root: one volume with 2 DDIM steps
-    configs = str([f"bundles/mask_diffusion/configs/{c}.yaml" for c in ("inference", "demo")])
-    monai_bundle(
-        "run", "inference", "--config_file", configs, *tiny, "--num_cases", "1", "--steps", "2"
-    )
-    datalist = tmp_path / "bundle" / "outputs" / "datalist.json"
+    root = tmp_path / "bundle"
+    where = ["--bundle_root", str(root), "--dataset_dir", str(tiny_segthor_datalist.parent)]
+    # training from inside the bundle folder: 2 epochs of 2 iterations, validated after each
+    configs = _configs("inference.yaml", "train.yaml")
+    monai_bundle("run", "training", "--config_file", configs, *where, cwd=BUNDLE)
+    assert (root / "models" / "model.pt").exists()
+    assert (root / "models" / "model_best.pt").exists()
+    # inference from the repo root: one volume with the tiny preset's 2 DDIM steps
+    configs = _configs("inference.yaml")
+    monai_bundle("run", "inference", "--config_file", configs, *where, "--num_cases", "1")
+    datalist = root / "outputs" / "datalist.json"
     doc = json.loads(datalist.read_text())
     assert doc["masks_only"] and len(doc["training"]) == 1 and "seed" in doc["training"][0]
+    assert doc["steps"] == 2 and doc["seed"] == 0
     img = nib.load(datalist.parent / doc["training"][0]["label"])
     assert img.shape == (16, 16, 12)
-    assert abs(img.header.get_zooms()[0] - 6.0) < 1e-6
+    # thorax field of view 320 mm over the tiny grid
+    assert img.header.get_zooms() == pytest.approx((20.0, 20.0, 320.0 / 12))
     assert validate_datalist(datalist) == []
     # evaluation writes the table
-    configs = str([f"bundles/mask_diffusion/configs/{c}.yaml" for c in ("evaluate", "demo")])
-    out = monai_bundle("run", "evaluating", "--config_file", configs, *tiny)
+    configs = _configs("inference.yaml", "evaluate.yaml")
+    out = monai_bundle("run", "evaluating", "--config_file", configs, *where)
     assert "| heart |" in out
-    metrics = json.loads((tmp_path / "bundle" / "outputs" / "mask_metrics.json").read_text())
+    metrics = json.loads((root / "outputs" / "mask_metrics.json").read_text())
     assert metrics["n_generated"] == 1 and metrics["n_real"] == 4
 
 
+def test_inference_yaml_alone_fits_the_shipped_weights():
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
+    parser["bundle_root"] = str(BUNDLE)
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(state, strict=True)
+    assert parser.get_parsed_content("output_pixdim") == [10.0, 10.0, 10.0]
+    assert parser.get_parsed_content("pixdim") == [10.0, 10.0, 5.0]
+
+
+@pytest.mark.slow
+def test_inference_yaml_alone_runs(tmp_path):
+    out = tmp_path / "masks"
+    args = ["--num_cases", "1", "--steps", "2", "--output_dir", str(out)]
+    monai_bundle("run", "inference", "--config_file", "configs/inference.yaml", *args, cwd=BUNDLE)
+    doc = json.loads((out / "datalist.json").read_text())
+    assert nib.load(out / doc["training"][0]["label"]).shape == (32, 32, 32)
+
+
+@pytest.mark.slow
 def test_verify_net_in_out():
     monai_bundle(
         "verify_net_in_out",
@@ -69,7 +77,7 @@ def test_verify_net_in_out():
         "--meta_file",
         "configs/metadata.json",
         "--config_file",
-        "['configs/train.yaml','configs/demo.yaml']",
+        "configs/inference.yaml",
         "--extra_forward_args",
         "{'timesteps': 1, 'class_labels': 0}",
         cwd=BUNDLE,

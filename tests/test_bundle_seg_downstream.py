@@ -1,44 +1,64 @@
-"""The seg_downstream bundle: training through `python -m monai.bundle`, MONAI's checks, the
-MONAI Label infer path, and a tiny downstream study (every run through the bundle's configs)."""
+"""The seg_downstream bundle: training through `python -m monai.bundle`, MONAI's checks, what
+MONAI Label does with train.yaml and inference.yaml (each read alone), the presets' geometry
+and a tiny downstream study (every run through the bundle's configs, tiny preset)."""
 
 import json
 import shutil
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from bundle_helpers import REPO, monai_bundle, overrides
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from monai.bundle import run as bundle_run
 from monai.transforms import Compose, SaveImaged
 
-from common.io import save_nifti
-from common.seg_study import seg_study
+from common.core.bundle_configs import bundle_parser
+from common.core.io import save_nifti
+from common.data.datalists import read_datalist
+from common.seg.study import seg_study
 
 BUNDLE = REPO / "bundles" / "seg_downstream"
-TINY_NET = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
-TINY = {"pixdim": [6.0, 6.0, 5.0], "spatial_size": [16, 16, 16], "network_sizes#unet3d": TINY_NET}
+CONFIGS = BUNDLE / "configs"
+# what train.yaml and inference.yaml both need, since MONAI Label reads each alone
+SHARED_KEYS = {
+    "imports",
+    "bundle_root",
+    "output_dir",
+    "device",
+    "dataset_dir",
+    "num_classes",
+    "modality",
+    "field_of_view",
+    "num_workers",
+    "spatial_size",
+    "z_resample_mm",
+    "roi_size",
+    "pixdim",
+    "network_name",
+    "network_sizes",
+    "network_def",
+    "network",
+    "inferer",
+}
 
 
-def test_train_two_iterations_verify_and_export(tiny_segthor_datalist, tmp_path):
+@pytest.mark.slow
+def test_train_verify_and_export(tiny_segthor_datalist, tmp_path):
     root = tmp_path / "bundle"
-    tiny = overrides(
-        {**TINY, "bundle_root": str(root), "dataset_dir": str(tiny_segthor_datalist.parent)}
-    )
-    configs = "['configs/train.yaml','configs/demo.yaml']"
-    # 3 training cases in one batch, 2 epochs: 2 iterations, validation on the 4th case
-    args = ["--val_cases", "1", "--batch_size", "3", "--max_epochs", "2", "--val_interval", "1"]
-    out = monai_bundle("run", "training", "--config_file", configs, *tiny, *args, cwd=BUNDLE)
-    assert "val_mean_dice" in out
+    values = {"bundle_root": str(root), "dataset_dir": str(tiny_segthor_datalist.parent)}
+    configs = "['configs/train.yaml','configs/tiny.yaml']"
+    # 3 training cases in batches of 2, 2 epochs, validation on the 4th case after each
+    out = monai_bundle("run", "training", "--config_file", configs, *overrides(values), cwd=BUNDLE)
+    assert out.count("val_mean_dice") >= 2
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())  # a plain state dict
-    assert (root / "runs").is_dir()  # TensorBoard events
+    assert any((root / "outputs").glob("events.out.tfevents.*"))  # TensorBoard
     # MONAI's checks (the functions behind `python -m monai.bundle ...`, run in this process)
-    meta = str(BUNDLE / "configs" / "metadata.json")
-    verify_net_in_out(
-        "network_def", meta_file=meta, config_file=str(BUNDLE / "configs" / "inference.yaml")
-    )
-    config_files = [str(BUNDLE / "configs" / f"{c}.yaml") for c in ("train", "demo")]
+    meta = str(CONFIGS / "metadata.json")
+    verify_net_in_out("network_def", meta_file=meta, config_file=str(CONFIGS / "inference.yaml"))
+    config_files = [str(CONFIGS / f"{c}.yaml") for c in ("train", "tiny")]
     ts = tmp_path / "model.ts"
     ckpt_export(
         "network_def",
@@ -46,14 +66,17 @@ def test_train_two_iterations_verify_and_export(tiny_segthor_datalist, tmp_path)
         ckpt_file=str(root / "models" / "model.pt"),
         meta_file=meta,
         config_file=config_files,
-        **TINY,
     )
-    scripted = torch.jit.load(str(ts))
-    assert scripted(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 5, 16, 16, 16)
+    net = bundle_parser(BUNDLE, ["train.yaml"], "tiny", None).get_parsed_content("network_def")
+    net.load_state_dict(state)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        scripted, eager = torch.jit.load(str(ts))(x), net.eval()(x)
+    assert scripted.shape == (1, 5, 16, 16, 16) and torch.allclose(scripted, eager, atol=1e-5)
 
 
 def test_metadata_names_every_label():
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
     fmt = meta["network_data_format"]
     assert list(fmt["inputs"]) == ["image"] and list(fmt["outputs"]) == ["pred"]
     pred = fmt["outputs"]["pred"]
@@ -67,16 +90,41 @@ def test_metadata_names_every_label():
     assert pred["num_channels"] == len(pred["channel_def"])
 
 
-def test_inference_builds_the_network_training_saves():
-    """MONAI Label reads inference.yaml alone: its network must be train.yaml's (demo) one."""
-    nets = {}
-    for name in ("inference", "train"):
-        parser = ConfigParser()
-        parser.read_config(str(BUNDLE / "configs" / f"{name}.yaml"))
-        nets[name] = parser.get_parsed_content("network_def").state_dict()
-    assert {k: v.shape for k, v in nets["inference"].items()} == {
-        k: v.shape for k, v in nets["train"].items()
-    }
+def test_train_and_inference_configs_repeat_few_keys_with_the_same_values():
+    """MONAI Label reads train.yaml and inference.yaml each alone, so both describe the
+    network; the keys they repeat are the listed ones, and each has one value."""
+    train, infer = (
+        ConfigParser.load_config_file(CONFIGS / f"{n}.yaml") for n in ("train", "inference")
+    )
+    assert set(train) & set(infer) == SHARED_KEYS
+    assert [k for k in sorted(SHARED_KEYS) if train[k] != infer[k]] == []
+
+
+def test_the_base_configs_are_the_demo_scale_thorax_model():
+    """demo.yaml and thorax.yaml restate the base: merging them changes no base value."""
+    train = set(ConfigParser.load_config_file(CONFIGS / "train.yaml"))
+    for stage in ("train.yaml", "inference.yaml"):
+        base = bundle_parser(BUNDLE, [stage], None, None).config
+        merged = bundle_parser(BUNDLE, [stage], "demo", "thorax").config
+        assert {k: merged[k] for k in base} == base, stage
+        assert merged.keys() - base.keys() <= train, stage  # training keys inference ignores
+
+
+@pytest.mark.parametrize(
+    "scale, dataset, pixdim, num_classes",
+    [
+        (None, None, [10.0, 10.0, 10.0], 5),  # the base configs: demo scale, thorax
+        ("demo", "thorax", [10.0, 10.0, 10.0], 5),
+        ("demo", "brain", [7.0, 7.0, 5.0], 4),
+        ("paper", "thorax", [2.5, 2.5, 2.5], 5),
+        ("tiny", None, [6.0, 6.0, 5.0], 5),
+    ],
+)
+def test_presets_give_the_model_geometry(scale, dataset, pixdim, num_classes):
+    for stage in ("train.yaml", "inference.yaml"):
+        parser = bundle_parser(BUNDLE, [stage], scale, dataset)
+        assert parser.get_parsed_content("pixdim") == pixdim, stage
+        assert parser.get_parsed_content("num_classes") == num_classes, stage
 
 
 def write_input_image(folder):
@@ -91,7 +139,7 @@ def write_input_image(folder):
 def test_monai_label_style_inference(tmp_path):
     """What MONAI Label's BundleInferTask does with configs/inference.yaml, without a server."""
     bundle = tmp_path / "seg_downstream"
-    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    shutil.copytree(CONFIGS, bundle / "configs")
     image_path, affine = write_input_image(tmp_path)
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.yaml"))
@@ -131,6 +179,51 @@ def test_monai_label_style_inference(tmp_path):
     assert np.array_equal(np.asarray(again.dataobj), labels)
 
 
+def test_monai_label_style_training_loads_weights_into_network(tiny_segthor_datalist, tmp_path):
+    """What MONAI Label's BundleTrainTask does with configs/train.yaml (read alone): it inserts
+    CheckpointLoader(load_dict={"model": "$@network"}) and overrides the data and epochs."""
+    bundle = tmp_path / "seg_downstream"
+    shutil.copytree(CONFIGS, bundle / "configs")
+    config = bundle / "configs" / "train.yaml"
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.config.update({"bundle_root": str(bundle)})
+    torch.manual_seed(123)  # weights that training's own seeded start does not have
+    pretrained = parser.get_parsed_content("network_def").state_dict()
+    (bundle / "models").mkdir()
+    torch.save(pretrained, bundle / "models" / "model.pt")
+    handlers = parser.get("train#handlers", [])
+    loader = {
+        "_target_": "CheckpointLoader",
+        "load_path": str(bundle / "models" / "model.pt"),
+        "load_dict": {"model": "$@network"},
+        "strict": False,
+    }
+    cases = [
+        {"image": c["image"], "label": c["label"]}
+        for c in read_datalist(tiny_segthor_datalist)["training"]
+    ]
+    bundle_run(
+        "training",
+        init_id=None,
+        final_id=None,
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(config),
+        bundle_root=str(bundle),
+        **{
+            "train#trainer#max_epochs": 1,
+            "train#dataset#data": cases[:3],
+            "device": torch.device("cpu"),
+            "train#handlers": [loader, *handlers],
+            "validate#dataset#data": cases[3:],
+        },
+        lr=0.0,  # not MONAI Label's: so the weights after one epoch are the loaded ones
+    )
+    trained = torch.load(bundle / "models" / "resume.pt", weights_only=True)["model"]
+    assert trained.keys() == pretrained.keys()
+    assert all(torch.equal(trained[k], pretrained[k]) for k in pretrained)
+
+
 def test_tiny_study_writes_the_paper_table(tiny_segthor_datalist, tmp_path, capsys):
     """E2-1 and E2-4 (synthetic -> real fine-tune); the tiny datalist stands in for synthetic."""
     out = tmp_path / "study"
@@ -139,11 +232,8 @@ def test_tiny_study_writes_the_paper_table(tiny_segthor_datalist, tmp_path, caps
         "synthetic": str(tiny_segthor_datalist),
         "regimes": "E2-1,E2-4",
         "out": str(out),
-        "test_cases": 1,
-        "val_cases": 1,
-        "max_epochs": 1,
-        "finetune_epochs": 1,
-        "overrides": {**TINY, "val_interval": 1, "batch_size": 2},
+        "scale": "tiny",
+        "max_epochs": 20,  # 1 iteration each: enough to learn the heart and the aorta
     }
     table = seg_study(**study)
     assert "| E2-1 |" in table and "| E2-4 |" in table and "unet3d" in table
@@ -151,12 +241,24 @@ def test_tiny_study_writes_the_paper_table(tiny_segthor_datalist, tmp_path, caps
     assert stages == ["E2-1", "E2-2", "E2-4"]
     e24 = json.loads((out / "unet3d" / "E2-4" / "stage.json").read_text())
     assert e24["init"] == json.loads((out / "unet3d" / "E2-2" / "stage.json").read_text())
+    assert e24["epochs"] == 1 and e24["init"]["epochs"] == 20  # finetune_epochs, max_epochs
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["real_test"]) & set(splits["real_train"] + splits["real_val"])
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0] == "network,regime,label,dice,hd95_mm" and len(rows) == 1 + 2 * 5
-    metrics = json.loads((out / "unet3d" / "E2-4" / "eval" / "metrics.json").read_text())
-    assert metrics["n_cases"] == 1 and 0.0 <= metrics["dice"]["mean"] <= 1.0
+    # the E2-1 model segments its held-out case better than the network it started as
+    configs = [str(CONFIGS / f"{c}.yaml") for c in ("train", "evaluate", "tiny")]
+    untrained = tmp_path / "untrained"
+    parser = bundle_parser(BUNDLE, ["train.yaml"], "tiny", None)
+    torch.manual_seed(0)
+    (untrained / "models").mkdir(parents=True)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), untrained / "models/model.pt")
+    test = {"bundle_root": str(untrained), "datalist": str(out / "real_test.json")}
+    bundle_run("evaluating", config_file=configs, **test)
+    before = json.loads((untrained / "eval" / "metrics.json").read_text())
+    after = json.loads((out / "unet3d" / "E2-1" / "eval" / "metrics.json").read_text())
+    assert after["n_cases"] == before["n_cases"] == 1
+    assert after["dice"]["mean"] > before["dice"]["mean"] + 0.1, (before, after)
     # a rerun keeps every finished stage
     capsys.readouterr()
     seg_study(**study)

@@ -1,15 +1,14 @@
 """The medgen3d command line as a user runs it."""
 
-import gzip
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from common.cli import main
+from medgen3d.cli import main
 
-CLI = [sys.executable, "-m", "common.cli"]
+CLI = [sys.executable, "-m", "medgen3d.cli"]
 
 
 def run_cli(*args, check=True):
@@ -26,6 +25,7 @@ def test_help_lists_every_command():
         assert command in out
 
 
+@pytest.mark.slow
 def test_brain_cohort_validates_and_corrupted_copy_is_rejected(tmp_path):
     datalist = (
         run_cli("demo-data", "--dataset", "brain", "--cases", "2", "--out", str(tmp_path / "brain"))
@@ -41,14 +41,13 @@ def test_brain_cohort_validates_and_corrupted_copy_is_rejected(tmp_path):
     shutil.copytree(tmp_path / "brain", bad)
     label = bad / "labelsTr" / "brain_001.nii.gz"
     label.write_bytes(label.read_bytes()[: label.stat().st_size // 2])  # truncated download
-    raw = gzip.decompress((bad / "imagesTr" / "brain_000.nii.gz").read_bytes())
     before = {p: p.read_bytes() for p in bad.rglob("*.nii.gz")}
     proc = run_cli("validate", "--datalist", str(bad / "datalist.json"), check=False)
     assert proc.returncode == 1
     assert "2 of 2 cases" not in proc.stderr and "1 of 2 cases have problems" in proc.stderr
     assert "brain_001.nii.gz" in proc.stderr and "truncated" in proc.stderr
     assert before == {p: p.read_bytes() for p in bad.rglob("*.nii.gz")}  # nothing changed
-    assert raw  # the image of case 0 is untouched and readable
+    assert "brain_000" not in proc.stderr  # the intact case is not blamed
 
 
 def test_unknown_dataset_is_a_clear_error(capsys):

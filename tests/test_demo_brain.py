@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from common.datalist import datalist_label_set, datalist_modality, read_datalist
-from common.demo_data.brain import make_brain_case, make_brain_cohort
-from common.io import read_json
-from common.seeds import case_seed
+from common.core.io import read_json
+from common.core.seeds import case_seed
+from common.data.datalists import datalist_label_set, datalist_modality, read_datalist
+from medgen3d.demo_data.brain import make_brain_case, make_brain_cohort
 
 SEED = 7
 

@@ -3,12 +3,13 @@
 import json
 
 import nibabel as nib
+import numpy as np
 import pytest
 
-from common.cli import main
-from common.demo import run_demo
-from common.errors import DataError
-from common.validate import validate_datalist
+from common.core.errors import DataError
+from common.data.validate import validate_datalist
+from medgen3d.cli import main
+from medgen3d.demo import run_demo
 
 FIGURES = ("real_vs_synthetic", "masks", "from_real_masks", "label_volumes")
 
@@ -25,9 +26,12 @@ def check_report(out, n):
     assert len(json.loads(synthetic.read_text())["training"]) == n
     results = json.loads((out / "seg_study" / "results.json").read_text())
     assert {r["regime"] for r in results} == {"E2-1", "E2-3"}
-    assert all(0.0 <= r["dice"]["mean"] <= 1.0 for r in results)
+    for r in results:  # the table's mean is the mean over the labels of the held-out cases
+        per_label = [v for k, v in r["dice"].items() if k != "mean"]
+        assert len(per_label) >= 3 and r["dice"]["mean"] == pytest.approx(np.nanmean(per_label))
 
 
+@pytest.mark.slow
 def test_thorax_demo_with_shipped_weights(tmp_path, capsys):
     out = tmp_path / "demo"
     small = {"cases": 5, "heldout": 3, "steps": 2, "seg_epochs": 1}
@@ -40,6 +44,7 @@ def test_thorax_demo_with_shipped_weights(tmp_path, capsys):
     assert mask.shape == (32, 32, 32)
 
 
+@pytest.mark.slow
 def test_brain_demo_trains_every_generator_stage(tmp_path):
     out = tmp_path / "demo"
     small = {"cases": 5, "heldout": 3, "steps": 2, "epochs": 1, "seg_epochs": 1}

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from common.datalist import read_datalist
-from common.demo_data.thorax import make_thorax_case, make_thorax_cohort
-from common.labels import load_label_set
-from common.seeds import case_seed
+from common.core.seeds import case_seed
+from common.data.datalists import read_datalist
+from common.data.labels import load_label_set
+from medgen3d.demo_data.thorax import make_thorax_case, make_thorax_cohort
 
 SHAPE = (48, 48, 24)  # small and coarse: same 384 x 384 x 320 mm field of view as the default
 SPACING = (8.0, 8.0, 40 / 3)

@@ -15,15 +15,12 @@ from bundle_helpers import REPO
 from monai.bundle import ConfigParser
 from monai.bundle import run as bundle_run
 
-from common.distributed import shard
-from common.pipeline import generate_pairs
+from common.core.bundle_configs import config_files
+from common.core.distributed import shard
+from medgen3d.bundles import EVALUATE_STAGES, TRAIN_STAGES
+from medgen3d.pairs import generate_pairs
 
 BUNDLES = REPO / "bundles"
-SEG_TINY = {
-    "pixdim": [6.0, 6.0, 5.0],
-    "spatial_size": [16, 16, 16],
-    "network_sizes#unet3d": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
-}
 
 
 @pytest.fixture(autouse=True)
@@ -48,15 +45,24 @@ def torchrun(*args: str, cwd: Path = REPO, timeout: int = 300) -> str:
     return out
 
 
-def train_2_ranks(bundle: str, train: str, values: dict, tmp_path: Path) -> str:
-    """``monai.bundle run training`` of ``bundle`` with ``multi_gpu_train.yaml`` on 2 ranks.
+def tiny_configs(bundle: str, files: tuple[str, ...], *last: str) -> list[str]:
+    """A bundle's ``files``, the tiny scale preset, then the ``last`` config files."""
+    root = BUNDLES / bundle
+    return [str(f) for f in config_files(root, files, "tiny", None)] + [
+        str(root / "configs" / name) for name in last
+    ]
+
+
+def train_2_ranks(stage: str, values: dict, tmp_path: Path) -> str:
+    """The bundle training ``stage`` (tiny) with ``multi_gpu_train.yaml`` on 2 ranks.
 
     The overrides go through ``--args_file``: torchrun would read ``--m``/``--n`` as its own.
     """
+    bundle, files, run_id = TRAIN_STAGES[stage]
     args = tmp_path / "args.json"
     args.write_text(json.dumps(values))
-    configs = str([f"configs/{train}.yaml", "configs/multi_gpu_train.yaml"])
-    run = ("-m", "monai.bundle", "run", "training", "--config_file", configs)
+    configs = str(tiny_configs(bundle, files, "multi_gpu_train.yaml"))
+    run = ("-m", "monai.bundle", "run", run_id, "--config_file", configs)
     return torchrun(*run, "--args_file", str(args), cwd=BUNDLES / bundle)
 
 
@@ -79,6 +85,7 @@ def common_values(tiny_segthor_datalist, root: Path) -> dict:
     return {
         "bundle_root": str(root),
         "dataset_dir": str(tiny_segthor_datalist.parent),
+        "output_dir": str(root / "runs"),
         "val_cases": 2,
     }
 
@@ -87,91 +94,56 @@ def test_shard_without_torchrun_keeps_everything():
     assert shard([3, 1, 2]) == [3, 1, 2]
 
 
+@pytest.mark.slow
 def test_mask_diffusion_trains_on_2_ranks(tiny_segthor_datalist, tmp_path):
     root = tmp_path / "bundle"
-    values = {
-        **common_values(tiny_segthor_datalist, root),
-        "pixdim": [6.0, 6.0, 5.0],
-        "spatial_size": [16, 16, 12],
-        "m": 4,
-        "n": 2,
-        "unet_channels": [8, 8],
-        "unet_attention": [False, False],
-        "unet_norm_groups": 4,
-        "unet_head_channels": 8,
-        "batch_size": 2,
-        "max_epochs": 2,
-        "val_interval": 1,
-    }
-    out = train_2_ranks("mask_diffusion", "train", values, tmp_path)
+    values = {**common_values(tiny_segthor_datalist, root), "max_epochs": 2, "val_interval": 1}
+    out = train_2_ranks("masks", values, tmp_path)
     assert (root / "models" / "model.pt").exists() and (root / "models" / "model_best.pt").exists()
     assert_trained_on_2_ranks(out, root, "resume.pt", ("model",))
 
 
-IMAGE_TINY = {"pixdim": [6.0, 6.0, 5.0], "spatial_size": [16, 16, 12]}
-
-
+@pytest.mark.slow
 def test_image_generator_trains_on_2_ranks(tiny_segthor_datalist, tmp_path):
     root = tmp_path / "bundle"
     values = {
         **common_values(tiny_segthor_datalist, root),
-        **IMAGE_TINY,
-        "gen_channels": [8, 16],
-        "gen_disc_channels": 8,
-        "gen_disc_layers": 1,
-        "gen_sequence_length": 3,
-        "gen_windows_per_volume": 1,
         "gen_batch_size": 1,
         "gen_max_epochs": 2,
-        "gen_val_interval": 1,
     }
-    out = train_2_ranks("image_synthesis", "train_generator", values, tmp_path)
+    out = train_2_ranks("generator", values, tmp_path)
     assert "val_psnr" in out and (root / "models" / "generator.pt").exists()
     nets = ("generator", "image_discriminator", "temporal_discriminator")
     assert_trained_on_2_ranks(out, root, "resume_generator.pt", nets)
 
 
+@pytest.mark.slow
 def test_image_refiner_trains_on_2_ranks(tiny_segthor_datalist, tmp_path):
     root = tmp_path / "bundle"
     values = {
         **common_values(tiny_segthor_datalist, root),
-        **IMAGE_TINY,
-        "sdm_channels": [8, 8],
-        "sdm_attention": [False, False],
-        "sdm_norm_groups": 4,
-        "sdm_head_channels": 8,
-        "sdm_spade_channels": 8,
-        "sdm_slices_per_volume": 2,
         "sdm_batch_size": 1,
         "sdm_max_epochs": 2,
-        "sdm_val_interval": 1,
     }
-    out = train_2_ranks("image_synthesis", "train_refiner", values, tmp_path)
+    out = train_2_ranks("refiner", values, tmp_path)
     assert (root / "models" / "refiner_axial.pt").exists()
     assert_trained_on_2_ranks(out, root, "resume_refiner_axial.pt", ("model",))
 
 
+@pytest.mark.slow
 def test_seg_downstream_trains_on_2_ranks(tiny_segthor_datalist, tmp_path):
     root = tmp_path / "bundle"
-    values = {
-        **common_values(tiny_segthor_datalist, root),
-        **SEG_TINY,
-        "batch_size": 1,
-        "max_epochs": 2,
-        "val_interval": 1,
-        "log_every": 1,
-    }
-    out = train_2_ranks("seg_downstream", "train", values, tmp_path)
+    values = {**common_values(tiny_segthor_datalist, root), "batch_size": 1}
+    out = train_2_ranks("seg", values, tmp_path)
     assert "val_mean_dice" in out and (root / "models" / "model.pt").exists()
     assert_trained_on_2_ranks(out, root, "resume.pt", ("model",))
 
 
+@pytest.mark.slow
 def test_seg_evaluation_on_2_ranks_gathers_the_same_dice(tiny_segthor_datalist, tmp_path):
-    bundle = BUNDLES / "seg_downstream"
-    configs = [str(bundle / "configs" / f"{c}.yaml") for c in ("train", "evaluate", "demo")]
+    configs = tiny_configs("seg_downstream", EVALUATE_STAGES["seg"].configs)
     parser = ConfigParser()
     parser.read_config(configs)
-    parser.update(SEG_TINY)
     (tmp_path / "models").mkdir()
     torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "models/model.pt")
     # 3 test cases: 2 on rank 0, 1 on rank 1
@@ -179,10 +151,10 @@ def test_seg_evaluation_on_2_ranks_gathers_the_same_dice(tiny_segthor_datalist, 
     base = tiny_segthor_datalist.parent
     doc["test"] = [{k: str(base / v) for k, v in c.items()} for c in doc["training"][:3]]
     (tmp_path / "test.json").write_text(json.dumps(doc))
-    values = {**SEG_TINY, "bundle_root": str(tmp_path), "datalist": str(tmp_path / "test.json")}
+    values = {"bundle_root": str(tmp_path), "datalist": str(tmp_path / "test.json")}
     bundle_run("evaluating", config_file=configs, eval_dir=str(tmp_path / "one"), **values)
     (tmp_path / "args.json").write_text(json.dumps({**values, "eval_dir": str(tmp_path / "two")}))
-    configs.append(str(bundle / "configs" / "multi_gpu_evaluate.yaml"))
+    configs.append(str(BUNDLES / "seg_downstream" / "configs" / "multi_gpu_evaluate.yaml"))
     run = ("-m", "monai.bundle", "run", "evaluating", "--config_file", str(configs))
     out = torchrun(*run, "--args_file", str(tmp_path / "args.json"))
     assert out.count("| heart |") == 1  # rank 0 reports
@@ -193,10 +165,11 @@ def test_seg_evaluation_on_2_ranks_gathers_the_same_dice(tiny_segthor_datalist, 
             assert two[metric][label] == pytest.approx(value, abs=1e-6, nan_ok=True)
 
 
+@pytest.mark.slow
 def test_generation_on_2_ranks_makes_the_same_cases(tmp_path):
     one = generate_pairs(4, tmp_path / "one", seed=3, steps=2)
     # n first: torchrun would read --n as an abbreviation of one of its own options
-    gen = ("-m", "common.cli", "generate", "4", "--out", str(tmp_path / "two"), "--seed", "3")
+    gen = ("-m", "medgen3d.cli", "generate", "4", "--out", str(tmp_path / "two"), "--seed", "3")
     torchrun(*gen, "--steps", "2")
     two = tmp_path / "two" / "datalist.json"
     assert json.loads(one.read_text()) == json.loads(two.read_text())  # same cases and seeds

@@ -1,18 +1,20 @@
 """`medgen3d export`: exported bundles run with `python -m monai.bundle run` from another
 folder, in a Python that cannot import this repository's `common` package."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import nibabel as nib
 import pytest
 from bundle_helpers import overrides
 
-from common.bundles import export_bundle
-from common.errors import DataError
+from common.core.errors import DataError
+from medgen3d.export import export_bundle
 
 # Drops the editable install of this repository (its meta path finder) and the repository
 # folder from sys.path, checks that `common` cannot be imported, then runs monai.bundle.
@@ -50,24 +52,29 @@ def run_outside(tmp_path, *args: str) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_exported_bundles_generate_outside_the_repository(tmp_path):
     exported = tmp_path / "export"
     masks, masks_zip = export_bundle("mask_diffusion", exported)
     images, _ = export_bundle("image_synthesis", exported)
-    assert (masks / "common" / "label_sets" / "segthor.yaml").is_file()
+    assert (masks / "common" / "data" / "label_sets" / "segthor.yaml").is_file()
     assert (masks / "models" / "model.pt").is_file() and (masks / "LICENSE").is_file()
     with zipfile.ZipFile(masks_zip) as z:
-        assert "mask_diffusion/configs/inference.yaml" in z.namelist()
-        assert "mask_diffusion/common/mcdpm.py" in z.namelist()
+        names = z.namelist()
+    assert "mask_diffusion/configs/inference.yaml" in names
+    assert "mask_diffusion/common/masks/mcdpm.py" in names
+    # only what the configs import: no application, no other bundle's modules
+    assert not [n for n in names if "/medgen3d/" in n or "/common/seg/" in n], names
+    assert not (images / "common" / "seg").exists() and (images / "common" / "images").is_dir()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    configs = str([str(masks / "configs" / f) for f in ("inference.yaml", "demo.yaml")])
+    configs = str([str(masks / "configs" / "inference.yaml")])  # the shipped weights' config
     tiny = {"bundle_root": str(masks), "num_cases": 1, "steps": 2, "output_dir": "masks"}
     out = run_outside(elsewhere, "run", "inference", "--config_file", configs, *overrides(tiny))
     assert f"common imported from {masks / 'common'}" in out
     mask = nib.load(elsewhere / "masks" / "labels" / "mask_0000.nii.gz")
     assert mask.shape == (32, 32, 32)
-    configs = str([str(images / "configs" / f) for f in ("inference.yaml", "demo.yaml")])
+    configs = str([str(images / "configs" / "inference.yaml")])
     tiny = {
         "bundle_root": str(images),
         "mask_datalist": str(elsewhere / "masks" / "datalist.json"),
@@ -80,21 +87,16 @@ def test_exported_bundles_generate_outside_the_repository(tmp_path):
     assert nib.load(elsewhere / "images" / case["image"]).shape == (32, 32, 32)
 
 
+@pytest.mark.slow
 def test_exported_seg_bundle_trains_outside_the_repository(tiny_segthor_datalist, tmp_path):
     seg, _ = export_bundle("seg_downstream", tmp_path / "export")
-    configs = str([str(seg / "configs" / f) for f in ("train.yaml", "demo.yaml")])
+    configs = str([str(seg / "configs" / f) for f in ("train.yaml", "tiny.yaml")])
     tiny = {
         "bundle_root": str(seg),
         "ckpt_dir": str(tmp_path / "models"),
         "output_dir": str(tmp_path / "runs"),
         "dataset_dir": str(tiny_segthor_datalist.parent),
-        "pixdim": [6.0, 6.0, 5.0],
-        "spatial_size": [16, 16, 16],
-        "network_sizes#unet3d": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
-        "val_cases": 1,
-        "batch_size": 3,
         "max_epochs": 1,
-        "val_interval": 1,
     }
     run_outside(tmp_path, "run", "training", "--config_file", configs, *overrides(tiny))
     assert (tmp_path / "models" / "model.pt").is_file()
@@ -110,24 +112,26 @@ def test_export_never_overwrites(tmp_path):
 
 
 def test_train_and_evaluate_wrap_the_bundle_commands(capsys):
-    from common.bundles import EVALUATE_STAGES, TRAIN_STAGES, bundle_command, train_overrides
-    from common.cli import main
+    from medgen3d.bundles import EVALUATE_STAGES, TRAIN_STAGES, bundle_command, train_overrides
+    from medgen3d.cli import main
 
-    cmd = bundle_command(TRAIN_STAGES["refiner"], "demo", train_overrides("refiner", None, {}))
+    overrides = train_overrides("refiner", None, {})
+    cmd = bundle_command(TRAIN_STAGES["refiner"], "demo", "thorax", overrides)
     assert cmd[1:5] == ["-m", "monai.bundle", "run", "training"]
-    assert "train_refiner.yaml" in cmd[6] and "demo.yaml" in cmd[6]
+    files = [Path(f).name for f in ast.literal_eval(cmd[6])]
+    assert files == [
+        "inference.yaml",
+        "train.yaml",
+        "train_refiner.yaml",
+        "demo.yaml",
+        "thorax.yaml",
+    ]
     assert cmd[cmd.index("--ckpt_dir") + 1].endswith("outputs/train/refiner/models")
-    cmd = bundle_command(EVALUATE_STAGES["seg"], "demo_brain", {"datalist": "d.json"})
-    assert (
-        "evaluate.yaml" in cmd[6]
-        and "demo_brain.yaml" in cmd[6]
-        and cmd[-2:]
-        == [
-            "--datalist",
-            "d.json",
-        ]
-    )
-    for argv in (["train", "nope"], ["evaluate", "masks", "--preset", "nope"]):
+    cmd = bundle_command(EVALUATE_STAGES["seg"], "paper", "brain", {"datalist": "d.json"})
+    files = [Path(f).name for f in ast.literal_eval(cmd[6])]
+    assert files == ["train.yaml", "evaluate.yaml", "paper.yaml", "brain.yaml"]
+    assert cmd[-2:] == ["--datalist", "d.json"]
+    for argv in (["train", "nope"], ["evaluate", "masks", "--scale", "nope"]):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2

@@ -5,8 +5,8 @@ import json
 import nibabel as nib
 import numpy as np
 
-from common.pipeline import generate_pairs
-from common.validate import validate_datalist
+from common.data.validate import validate_datalist
+from medgen3d.pairs import generate_pairs
 
 
 def test_generate_one_pair_and_rerun_keeps_it(tmp_path):

@@ -9,13 +9,14 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 from bundle_helpers import REPO
 
 
 def _command(out) -> list[str]:
     """Two tiny pairs (the refiner's seeding is tested in test_refiner.py)."""
     args = ["generate", "--n", "2", "--out", str(out), "--seed", "3", "--steps", "2", "--norefine"]
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "medgen3d.cli", *args]
 
 
 def _finals(root) -> list[str]:
@@ -27,6 +28,7 @@ def _finals(root) -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_killed_generation_finishes_like_an_uninterrupted_run(tmp_path):
     quiet = {"cwd": REPO, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     straight = subprocess.Popen(_command(tmp_path / "a"), **quiet)

@@ -1,12 +1,13 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from common import image_metrics as im
-from common.errors import DataError
-from common.labels import load_label_set
+from common.data.labels import load_label_set
+from common.images import metrics as im
+from common.images import slice_encoder as se
 
 SEG = load_label_set("segthor")  # esophagus, heart, trachea, aorta
 CT = (-1000.0, 1000.0)
@@ -49,7 +50,7 @@ def real():
 
 @pytest.fixture(scope="module")
 def extractor(real):
-    return im.train_slice_encoder(im._axial_slices(torch.as_tensor(real[0])), epochs=3, seed=0)
+    return se.train_slice_encoder(se.axial_slices(torch.as_tensor(real[0])), epochs=3, seed=0)
 
 
 def test_identical_sets_are_perfect_and_json_safe(real, extractor):
@@ -90,7 +91,11 @@ def test_unpaired_evaluation_trains_its_own_encoder(real, extractor):
     r = im.evaluate_images(other, images, other_labels, labels, SEG, CT, encoder_epochs=1)
     assert r["paired_metrics"] is None and r["n_generated"] == 3 and r["n_real"] == 4
     assert "1 epochs, seed 0" in r["feature_extractor"]
-    assert r["fid"] >= 0 and r["mmd"] > 0
+    # the encoder it trained: on the real slices, 1 epoch, seed 0
+    own = se.train_slice_encoder(se.axial_slices(torch.as_tensor(images)), epochs=1, seed=0)
+    expected, same = im.fid_mmd(other, images, own), im.fid_mmd(images, images, own)
+    assert r["fid"] == pytest.approx(expected["fid"]) and r["mmd"] == pytest.approx(expected["mmd"])
+    assert r["fid"] > same["fid"] + 1e-6 and r["mmd"] > same["mmd"] + 1e-6
     json.dumps(r, allow_nan=False)
     with pytest.raises(ValueError, match="equal sizes"):
         im.evaluate_images(other, images, other_labels, labels, SEG, CT, extractor, paired=True)
@@ -112,17 +117,33 @@ def test_diversity_is_one_for_copies_and_lower_for_different_volumes(real):
 def test_ms_ssim_settings_fit_the_slice_size(size, scales, kernel):
     k, weights = im.ms_ssim_settings(size, size + 3)
     assert (k, len(weights)) == (kernel, scales) and sum(weights) == pytest.approx(1.0)
-    x = torch.rand(2, 1, size, size + 3, 2) * 2 - 1
-    assert 0 <= im.diversity(x)["ms_ssim"] <= 1
+    x = torch.rand(2, 1, size, size + 3, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert im.diversity(x[[0, 0]])["ms_ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert im.diversity(x)["ms_ssim"] < 0.3  # independent noise volumes: far from 1
 
 
 def test_small_depth_uses_a_smaller_ssim_window():
-    x = torch.rand(2, 1, 12, 12, 4) * 2 - 1
+    x = torch.rand(2, 1, 12, 12, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
     p = im.paired_metrics(x, x.flip(0), value_range=CT)
     assert im._ssim_window((12, 12, 4)) == (7, 7, 3)
-    assert all(-1 <= s < 1 for s in p["ssim"]) and p["mae_original_mean"] > 0
+    assert all(abs(s) < 0.1 for s in p["ssim"])  # independent noise: no shared structure
+    assert p["mae_original_mean"] == pytest.approx(p["mae_mean"] * (CT[1] - CT[0]) / 2)
     with pytest.raises(ValueError, match="differ"):
         im.paired_metrics(x, x[:1])
+
+
+def test_psnr_and_mae_of_known_noise_match_the_formulas():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(3, 1, 12, 12, 6, generator=gen) * 1.6 - 0.8
+    noise = 0.05 * torch.randn(ref.shape, generator=gen)
+    p = im.paired_metrics(ref + noise, ref, value_range=CT)
+    mse, mae = noise.square().mean(dim=(1, 2, 3, 4)), noise.abs().mean(dim=(1, 2, 3, 4))
+    assert p["psnr"] == pytest.approx([10 * math.log10(2.0**2 / m) for m in mse], abs=1e-3)
+    assert p["psnr_mean"] == pytest.approx(10 * math.log10(4 / 0.05**2), abs=0.5)  # ~32 dB
+    assert p["mae"] == pytest.approx(mae.tolist(), rel=1e-5)
+    assert p["mae_original"] == pytest.approx((mae * 1000).tolist(), rel=1e-5)  # HU
+    shifted = im.paired_metrics(ref + 0.2, ref)  # constant offset: MSE 0.04
+    assert shifted["psnr_mean"] == pytest.approx(10 * math.log10(4 / 0.04), abs=1e-3)
 
 
 def test_frechet_distance_and_mmd_on_known_features():
@@ -136,36 +157,22 @@ def test_frechet_distance_and_mmd_on_known_features():
 
 
 def test_encoder_training_is_deterministic_and_leaves_global_rng(real):
-    slices = im._axial_slices(torch.as_tensor(real[0][:2]))
+    slices = se.axial_slices(torch.as_tensor(real[0][:2]))
     state = torch.random.get_rng_state()
-    first, again = (im.train_slice_encoder(slices, epochs=1, seed=3) for _ in range(2))
-    other = im.train_slice_encoder(slices, epochs=1, seed=4)
+    first, again = (se.train_slice_encoder(slices, epochs=1, seed=3) for _ in range(2))
+    other = se.train_slice_encoder(slices, epochs=1, seed=4)
     assert torch.equal(torch.random.get_rng_state(), state)
     with torch.no_grad():
         f1, f2, f3 = first(slices), again(slices), other(slices)
-    assert f1.shape == (len(slices), im.ENCODER_CHANNELS[-1])
+    assert f1.shape == (len(slices), se.ENCODER_CHANNELS[-1])
     torch.testing.assert_close(f1, f2)
     assert not torch.allclose(f1, f3)
     assert not any(p.requires_grad for p in first.parameters()) and not first.training
 
 
-def test_load_feature_extractor_state_dict_and_torchscript(tmp_path, real, extractor):
-    slices = im._axial_slices(torch.as_tensor(real[0]))[:8]
-    torch.save(extractor.state_dict(), tmp_path / "encoder.pt")
-    torch.jit.trace(extractor, slices).save(str(tmp_path / "encoder.ts"))
-    with torch.no_grad():
-        expected = extractor(slices)
-        for name in ("encoder.pt", "encoder.ts"):
-            torch.testing.assert_close(im.load_feature_extractor(tmp_path / name)(slices), expected)
-    (tmp_path / "junk.pt").write_text("not a model")
-    for bad in ("missing.pt", "junk.pt"):
-        with pytest.raises(DataError):
-            im.load_feature_extractor(tmp_path / bad)
-
-
 def test_spatial_feature_maps_are_pooled(real):
     conv = torch.nn.Conv2d(1, 5, 3)
-    feats = im.slice_features(real[0], conv)
+    feats = se.slice_features(real[0], conv)
     assert feats.shape == (4 * SHAPE[2], 5) and feats.dtype == torch.float64
 
 

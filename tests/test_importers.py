@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.datalist import datalist_label_set, datalist_modality, read_datalist
-from common.errors import DataError
-from common.importers import LAYOUTS, import_dataset
+from common.core.errors import DataError
+from common.data.datalists import datalist_label_set, datalist_modality, read_datalist
+from common.data.importers import LAYOUTS, import_dataset
 
 
 def _vol(path: Path, value: int = 1) -> Path:

@@ -3,10 +3,15 @@ import json
 import numpy as np
 import pytest
 
-from common.datalist import datalist_label_set, datalist_modality, read_datalist, write_datalist
-from common.errors import DataError
-from common.io import atomic_path, save_nifti
-from common.labels import builtin_label_sets, load_label_set
+from common.core.errors import DataError
+from common.core.io import atomic_path, save_nifti
+from common.data.datalists import (
+    datalist_label_set,
+    datalist_modality,
+    read_datalist,
+    write_datalist,
+)
+from common.data.labels import builtin_label_sets, load_label_set
 
 
 def test_builtin_label_sets_load():

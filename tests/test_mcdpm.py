@@ -1,8 +1,12 @@
+import numpy as np
 import pytest
 import torch
+from bundle_helpers import REPO
+from scipy import ndimage
 
-from common.diffusion import make_scheduler
-from common.mcdpm import (
+from common.core.bundle_configs import bundle_parser
+from common.diffusion.schedulers import make_scheduler
+from common.masks.mcdpm import (
     MaskedMSELoss,
     MCDPMPrepareBatch,
     given_mask,
@@ -10,7 +14,7 @@ from common.mcdpm import (
     network_input,
     sample_mask_volumes,
 )
-from common.nets import PositionalDiffusionUNet
+from common.masks.network import MCDPMUNet
 
 K, H, W, M = 3, 8, 8, 6
 
@@ -23,15 +27,14 @@ def _batch(b=16):
 
 def _net(depth=12, m=4):
     torch.manual_seed(0)
-    return PositionalDiffusionUNet(
-        spatial_dims=3,
-        in_channels=2 * K + 1,
-        out_channels=K,
+    return MCDPMUNet(
+        num_classes=K,
+        m=m,
+        spatial_size=(H, W, depth),
         channels=(8, 8),
         attention_levels=(False, False),
-        num_res_blocks=1,
         norm_num_groups=4,
-        num_class_embeds=depth - m + 1,
+        num_head_channels=8,
     )
 
 
@@ -133,12 +136,17 @@ def test_sampling_is_seeded_and_independent_of_batch(kind):
     assert not torch.equal(a[0], a[1])
 
 
-def test_sampling_with_guidance_and_fixed_start():
+def test_guidance_and_fixed_start_change_the_sample():
     net = _net()
-    out = sample_mask_volumes(
-        net, make_scheduler("ddim"), K, (H, W, 12), 4, 2, 2, seeds=[1], guidance=2.0, z0=[8]
-    )
-    assert out.shape == (1, H, W, 12) and int(out.max()) < K
+    with torch.no_grad():  # MONAI zero-initialises the output layer: an untrained net ignores x
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    args = (net, make_scheduler("ddim"), K, (H, W, 12), 4, 2, 2)
+    plain = sample_mask_volumes(*args, seeds=[1], z0=[8])
+    assert plain.shape == (1, H, W, 12) and int(plain.max()) < K
+    assert torch.equal(plain, sample_mask_volumes(*args, seeds=[1], z0=[8], guidance=1.0))
+    assert not torch.equal(plain, sample_mask_volumes(*args, seeds=[1], z0=[8], guidance=3.0))
+    assert not torch.equal(plain, sample_mask_volumes(*args, seeds=[1], z0=[0]))
 
 
 def test_keep_single_components():
@@ -162,3 +170,48 @@ def test_guidance_runs_both_branches_in_one_forward_and_bf16_runs():
     assert calls == [1, 1] + [4, 4] * 2
     half = sample_mask_volumes(net, *args, seeds=[1], guidance=2.0, z0=[4], bf16=True)
     assert half.shape == out.shape and (half == out).float().mean() > 0.5
+
+
+def test_validation_batches_draw_the_training_mix_again_every_batch():
+    train = MCDPMPrepareBatch(
+        make_scheduler("ddpm"), n=2, p_forward=1, p_backward=0, seed=0, class_weights=[1, 4, 1]
+    )
+    val = train.for_validation(seed=1)
+    assert torch.equal(val.probs, train.probs) and val.class_weights is None
+    batch = _batch(4)
+    first, again = val(batch), val(batch)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert torch.equal(first[1][:, -1], 1 - first[0][:, -1])  # weight 1 where generated
+
+
+def test_network_channels_and_positions_follow_the_setting():
+    net = _net(depth=12, m=4)
+    assert net.conv_in.conv.in_channels == 2 * K + 1 and net.out[2].conv.out_channels == K
+    assert net.class_embedding.num_embeddings == 12 - 4 + 1
+    with pytest.raises(ValueError, match="window size"):
+        MCDPMUNet(K, 13, (H, W, 12), (8, 8), (False, False), norm_num_groups=4)
+
+
+def _tiny_pipeline(**values):
+    """The bundle's ``pipeline`` at the tiny preset (16x16x12, m=4, n=2, DDIM-2), untrained."""
+    bundle = REPO / "bundles" / "mask_diffusion"
+    values = {"pipeline#network": "@network_def", "device": "cpu", **values}
+    parser = bundle_parser(bundle, ["inference.yaml"], "tiny", "thorax", values)
+    torch.manual_seed(0)
+    return parser.get_parsed_content("pipeline")
+
+
+def test_mask_pipeline_seeds_in_volumes_out_independent_of_the_batch():
+    pipeline = _tiny_pipeline(batch_size=2)
+    out = pipeline([5, 6, 7])
+    assert out.shape == (3, 16, 16, 12) and out.dtype == torch.long and 0 <= int(out.min())
+    assert int(out.max()) < 5 and len(out.unique()) > 1
+    assert torch.equal(pipeline([5, 6, 7]), out)  # same seeds, same volumes
+    assert torch.equal(pipeline([6, 5])[0], out[1])  # another batch and position
+    assert torch.equal(pipeline([7])[0], out[2])
+    raw = pipeline([5, 6, 7], postprocess=False)
+    assert ((out == raw) | (out == 0)).all()  # post-processing only removes pieces
+    assert pipeline.single_component == [1, 2, 3, 4]
+    for volume in out.numpy():
+        for label in pipeline.single_component:
+            assert ndimage.label(volume == label, structure=np.ones((3, 3, 3)))[1] <= 1

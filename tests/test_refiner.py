@@ -4,9 +4,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from common.diffusion import make_scheduler, noise_to
-from common.errors import DataError
-from common.refiner import (
+from common.core.errors import DataError
+from common.core.seeds import case_seed
+from common.diffusion.sampling import noise_to
+from common.diffusion.schedulers import make_scheduler
+from common.images.refiner import (
     VIEWS,
     RandViewSlicesd,
     SDMPrepareBatch,
@@ -19,7 +21,6 @@ from common.refiner import (
     to_view_slices,
     view_model,
 )
-from common.seeds import case_seed
 
 K = 3
 
@@ -53,10 +54,7 @@ class ConstantNoise(nn.Module):
 def _net():
     torch.manual_seed(0)
     net = SemanticDiffusionUNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
-        label_nc=K,
+        num_classes=K,
         channels=(8, 8),
         attention_levels=(False, False),
         num_res_blocks=1,

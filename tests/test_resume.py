@@ -4,52 +4,26 @@ uninterrupted run (CPU): model, optimizer, scheduler, iteration and every RNG ar
 import pytest
 import torch
 from bundle_helpers import REPO
-from monai.bundle import ConfigParser
+
+from common.core.bundle_configs import bundle_parser
 
 BUNDLES = REPO / "bundles"
-SMALL = {"pixdim": [6.0, 6.0, 5.0], "spatial_size": [16, 16, 12], "val_cases": 1}
+IMAGE_TRAIN = ["inference.yaml", "train.yaml"]
+# bundle, stage files, network key, and what the test needs beyond the tiny preset (3 epochs)
 CASES = {
     "generator": (
-        "image_synthesis/configs/train_generator.yaml",
+        "image_synthesis",
+        [*IMAGE_TRAIN, "train_generator.yaml"],
         "generator",
-        {
-            "gen_channels": [8, 16],
-            "gen_disc_channels": 8,
-            "gen_disc_layers": 1,
-            "gen_sequence_length": 3,
-            "gen_windows_per_volume": 2,
-            "gen_max_epochs": 3,
-            "gen_val_interval": 100,
-            "gen_teacher_forcing_epochs": 2,
-            "train#handlers#0#exec_at_start": False,
-        },
+        {"gen_max_epochs": 3, "gen_teacher_forcing_epochs": 2},  # teacher forcing changes
     ),
     "refiner": (
-        "image_synthesis/configs/train_refiner.yaml",
+        "image_synthesis",
+        [*IMAGE_TRAIN, "train_refiner.yaml"],
         "network",
-        {
-            "sdm_channels": [8, 8],
-            "sdm_attention": [False, False],
-            "sdm_norm_groups": 4,
-            "sdm_head_channels": 8,
-            "sdm_spade_channels": 8,
-            "sdm_slices_per_volume": 2,
-            "sdm_batch_size": 2,
-            "sdm_max_epochs": 3,
-            "sdm_val_interval": 100,
-        },
+        {"sdm_max_epochs": 3},
     ),
-    "seg": (
-        "seg_downstream/configs/train.yaml",
-        "model",
-        {
-            "network_sizes#unet3d": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
-            "roi_size": [8, 8, 8],
-            "batch_size": 1,
-            "max_epochs": 3,
-            "val_interval": 1,
-        },
-    ),
+    "seg": ("seg_downstream", ["train.yaml"], "network", {"max_epochs": 3}),
 }
 
 
@@ -61,11 +35,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _train(config: str, network: str, values: dict, stop_after: int = 0) -> dict:
+def _train(bundle: str, stages: list, network: str, values: dict, stop_after: int = 0) -> dict:
     """Run a bundle's ``training`` in this process; ``stop_after`` ends it after that epoch."""
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / config))
-    parser.update(values)
+    parser = bundle_parser(BUNDLES / bundle, stages, "tiny", "thorax", values)
     if stop_after:  # the training steps, with a stop just before the run
         parser["imports"] = [*parser["imports"], "$import ignite"]
         event = f"ignite.engine.Events.EPOCH_COMPLETED(once={stop_after})"
@@ -78,11 +50,13 @@ def _train(config: str, network: str, values: dict, stop_after: int = 0) -> dict
 
 @pytest.mark.parametrize("name", CASES)
 def test_stopped_training_resumes_to_the_same_weights(name, tiny_segthor_datalist, tmp_path):
-    config, network, values = CASES[name]
-    values = {**SMALL, **values, "dataset_dir": str(tiny_segthor_datalist.parent)}
-    straight = _train(config, network, {**values, "bundle_root": str(tmp_path / "a")})
-    stopped = _train(config, network, {**values, "bundle_root": str(tmp_path / "b")}, 1)
-    resumed = _train(config, network, {**values, "bundle_root": str(tmp_path / "b")})
+    bundle, stages, network, values = CASES[name]
+    values = {**values, "dataset_dir": str(tiny_segthor_datalist.parent)}
+    runs = [
+        _train(bundle, stages, network, {**values, "bundle_root": str(tmp_path / root)}, stop)
+        for root, stop in (("a", 0), ("b", 1), ("b", 0))
+    ]
+    straight, stopped, resumed = runs
     assert any(not torch.equal(stopped[k], resumed[k]) for k in straight)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k

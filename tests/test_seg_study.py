@@ -1,21 +1,23 @@
-"""Regime assembly, networks, checkpoint starts and metrics of the downstream segmentation study."""
+"""Regimes, case pools, networks, checkpoint starts and metrics of the downstream study."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import REPO
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.metrics import DiceMetric
 
-from common.errors import DataError
-from common.io import save_nifti, start_from
-from common.seg_metrics import HausdorffDistance95, markdown_table, summarise
-from common.seg_study import (
+from common.core.errors import DataError
+from common.core.io import save_nifti, start_from
+from common.seg.cases import image_cases
+from common.seg.metrics import HausdorffDistance95, markdown_table, summarise
+from common.seg.networks import make_network
+from common.seg.regimes import (
     E2_REGIMES,
     Stage,
-    image_cases,
-    make_network,
     pick_synthetic,
     plan_stages,
     regime_dataset,
@@ -26,17 +28,10 @@ from common.seg_study import (
 
 REAL = [{"image": f"r{i}.nii.gz", "label": f"r{i}_lab.nii.gz"} for i in range(16)]
 SYNTHETIC = [{"image": f"s{i}.nii.gz", "label": f"s{i}_lab.nii.gz"} for i in range(30)]
-TINY_SIZES = {
-    "unet2d": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
-    "unet3d": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
-    "unetr": {"feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},
-    "swinunetr": {
-        "feature_size": 12,
-        "depths": [1, 1, 1, 1],
-        "num_heads": [3, 3, 3, 3],
-        "norm_name": ["group", {"num_groups": 4}],
-    },
-}
+# the tests' network sizes: the bundle's tiny preset
+SIZES = ConfigParser.load_config_file(
+    REPO / "bundles" / "seg_downstream" / "configs" / "tiny.yaml"
+)["network_sizes"]
 
 
 def images(cases):
@@ -116,14 +111,14 @@ def test_plan_trains_shared_stages_once_and_parents_first():
 @pytest.mark.parametrize("name", ["unet2d", "unet3d", "unetr", "swinunetr"])
 def test_networks_map_a_volume_to_class_logits(name):
     size = [32, 32, 32] if name == "swinunetr" else [16, 16, 16]
-    net = make_network(name, num_classes=3, spatial_size=size, sizes=TINY_SIZES[name]).eval()
+    net = make_network(name, num_classes=3, spatial_size=size, sizes=SIZES).eval()
     with torch.no_grad():
         out = net(torch.zeros(1, 1, *size))
     assert out.shape == (1, 3, *size)
 
 
 def test_unet2d_segments_slice_by_slice_and_scripts():
-    net = make_network("unet2d", 3, [16, 16, 8], TINY_SIZES["unet2d"]).eval()
+    net = make_network("unet2d", 3, [16, 16, 8], SIZES).eval()
     x = torch.randn(2, 1, 16, 16, 8)
     with torch.no_grad():
         out = net(x)
@@ -135,33 +130,30 @@ def test_unet2d_segments_slice_by_slice_and_scripts():
 
 def test_network_size_errors_say_what_to_change():
     with pytest.raises(ValueError, match="multiple of 16"):
-        make_network("unetr", 3, [24, 24, 24], TINY_SIZES["unetr"])
+        make_network("unetr", 3, [24, 24, 24], SIZES)
     with pytest.raises(ValueError, match="norm_name"):
-        make_network("swinunetr", 3, [32, 32, 32], {"feature_size": 12})
+        make_network("swinunetr", 3, [32, 32, 32], {"swinunetr": {"feature_size": 12}})
     with pytest.raises(ValueError, match="unknown network 'vnet'"):
-        make_network("vnet", 3, [32, 32, 32])
+        make_network("vnet", 3, [32, 32, 32], SIZES)
+    with pytest.raises(ValueError, match="add network_sizes#unetr"):
+        make_network("unetr", 3, [16, 16, 16], {"unet3d": SIZES["unet3d"]})
+    bad = {"unet3d": {**SIZES["unet3d"], "depth": 3}}
     with pytest.raises(ValueError, match="network_sizes#unet3d"):
-        make_network("unet3d", 3, [16, 16, 16], {"channels": [4, 8], "strides": [2], "depth": 3})
+        make_network("unet3d", 3, [16, 16, 16], bad)
 
 
 def test_start_from_loads_all_but_a_new_output_head(tmp_path):
-    source = make_network("unet3d", 5, [16, 16, 16], TINY_SIZES["unet3d"])
+    source = make_network("unet3d", 5, [16, 16, 16], SIZES)
     torch.save(source.state_dict(), tmp_path / "model.pt")
-    same = start_from(
-        make_network("unet3d", 5, [16, 16, 16], TINY_SIZES["unet3d"]), tmp_path / "model.pt"
-    )
+    same = start_from(make_network("unet3d", 5, [16, 16, 16], SIZES), tmp_path / "model.pt")
     assert all(
         torch.equal(a, b) for a, b in zip(same.state_dict().values(), source.state_dict().values())
     )
-    other = start_from(
-        make_network("unet3d", 3, [16, 16, 16], TINY_SIZES["unet3d"]), tmp_path / "model.pt"
-    )
+    other = start_from(make_network("unet3d", 3, [16, 16, 16], SIZES), tmp_path / "model.pt")
     kept = [k for k, v in other.state_dict().items() if torch.equal(v, source.state_dict()[k])]
     assert 0 < len(kept) < len(source.state_dict())
     with pytest.raises(DataError, match="no tensor of this checkpoint fits"):
-        start_from(
-            make_network("unetr", 5, [16, 16, 16], TINY_SIZES["unetr"]), tmp_path / "model.pt"
-        )
+        start_from(make_network("unetr", 5, [16, 16, 16], SIZES), tmp_path / "model.pt")
     with pytest.raises(DataError, match="not found"):
         start_from(same, tmp_path / "missing.pt")
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 from ignite.engine import Events
+from monai.transforms import Compose
 from torch import nn
 
-from common.seqgen import (
+from common.images.sequence_generator import (
     CONTEXT,
     MaskToImageBatch,
     SequenceGanTrainer,
@@ -15,6 +16,7 @@ from common.seqgen import (
     own_output_probability,
     pair_input,
     patch_discriminator,
+    training_windows,
     triplet_input,
     unroll,
 )
@@ -113,12 +115,27 @@ def test_discriminator_inputs_layout():
 
 
 def test_discriminator_output_shapes_and_size_check():
-    disc = patch_discriminator(3 * (K + 1), image_size=32, channels=8, num_layers=2, num_scales=2)
+    disc = patch_discriminator(K, (32, 48, 6), temporal=True, channels=8, num_layers=2)
     outs, feats = disc(torch.randn(4, 3 * (K + 1), 32, 32))
     assert [tuple(o.shape) for o in outs] == [(4, 1, 7, 7), (4, 1, 1, 1)]
     assert [len(f) for f in feats] == [3, 5]
+    pairs = patch_discriminator(K, (32, 32), channels=8, num_layers=2)
+    assert [tuple(o.shape) for o in pairs(torch.randn(2, K + 1, 32, 32))[0]][0] == (2, 1, 7, 7)
     with pytest.raises(ValueError, match="gen_disc_layers"):
-        patch_discriminator(K + 1, image_size=16, num_layers=2, num_scales=2)
+        patch_discriminator(K, (16, 40), num_layers=2, num_scales=2)
+
+
+def test_training_windows_start_with_zero_context():
+    transforms = Compose(training_windows(["image", "label"], length=3, num_samples=20))
+    transforms.set_random_state(0)
+    image = torch.arange(1.0, 6.0).expand(1, 2, 2, 5).clone()  # slice z holds z + 1
+    windows = transforms({"image": image, "label": image.clone()})
+    assert len(windows) == 20
+    assert all(w["image"].shape == (1, 2, 2, CONTEXT + 3) for w in windows)
+    # windows of the padded volume start at its slice 0, 1 or 2; the first sees 2 zero slices
+    assert {int(w["z"]) for w in windows} == {0, 1, 2}
+    first = next(w for w in windows if int(w["z"]) == 0)
+    assert first["image"][0, 0, 0].tolist() == first["label"][0, 0, 0].tolist() == [0, 0, 1, 2, 3]
 
 
 def test_feature_matching_is_zero_for_equal_features():
@@ -135,8 +152,8 @@ def _trainer(steps, **kwargs):
     image = (masks[:, 1:2] - masks[:, 2:3]) * 0.8  # a learnable function of the mask
     batch = {"image": image, "label": masks}
     gen = SliceGenerator(K, channels=(8, 16), num_res_units=1)
-    d_img = patch_discriminator(K + 1, H, channels=8, num_layers=1)
-    d_tmp = patch_discriminator(3 * (K + 1), H, channels=8, num_layers=1)
+    d_img = patch_discriminator(K, (H, W), channels=8, num_layers=1)
+    d_tmp = patch_discriminator(K, (H, W), temporal=True, channels=8, num_layers=1)
     trainer = SequenceGanTrainer(
         "cpu",
         max_epochs=1,

@@ -1,21 +1,8 @@
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.sequences import assemble_windows, extension_plan, extract_windows, window_starts
-
-
-@settings(max_examples=60, deadline=None)
-@given(depth=st.integers(1, 40), data=st.data())
-def test_windows_round_trip(depth, data):
-    m = data.draw(st.integers(1, depth))
-    stride = data.draw(st.integers(1, m))
-    volume = torch.randn(2, 3, 4, depth)
-    windows, starts = extract_windows(volume, m, stride)
-    assert windows.shape[1:] == (2, 3, 4, m)
-    assert starts[0] == 0 and starts[-1] + m == depth
-    torch.testing.assert_close(assemble_windows(windows, starts, depth), volume)
+from common.masks.windows import extension_plan, window_starts
 
 
 def test_window_starts_and_errors():
@@ -23,11 +10,6 @@ def test_window_starts_and_errors():
     assert window_starts(8, 4, 2) == [0, 2, 4]
     with pytest.raises(ValueError, match="does not fit"):
         window_starts(3, 4)
-
-
-def test_assemble_reports_gaps():
-    with pytest.raises(ValueError, match="not covered"):
-        assemble_windows(torch.zeros(1, 1, 1, 1, 2), [0], 4)
 
 
 @settings(max_examples=200, deadline=None)

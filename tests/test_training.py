@@ -12,7 +12,8 @@ from bundle_helpers import REPO, overrides
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
-from common.training import FiniteLoss, GlobalRNG, ResumeCheckpoint
+from common.core.bundle_configs import config_files
+from common.core.training import FiniteLoss, GlobalRNG, ResumeCheckpoint
 
 BUNDLE = REPO / "bundles" / "mask_diffusion"
 
@@ -82,21 +83,9 @@ def test_resume_checkpoint_continues_from_last_epoch(tmp_path):
 
 
 def _bundle_training(datalist, root, epochs: int) -> list[str]:
-    """The command line of a tiny mask_diffusion training into ``root``."""
-    values = {
-        "dataset_dir": str(datalist.parent),
-        "bundle_root": str(root),
-        "spatial_size": [16, 16, 12],
-        "m": 4,
-        "unet_channels": [8, 8],
-        "unet_attention": [False, False],
-        "unet_norm_groups": 4,
-        "unet_head_channels": 8,
-        "val_interval": 100,
-        "batch_size": 3,
-        "max_epochs": epochs,
-    }
-    config = "['configs/train.yaml','configs/demo.yaml']"
+    """The command line of a mask_diffusion training at the tiny preset into ``root``."""
+    files = config_files(BUNDLE, ["inference.yaml", "train.yaml"], "tiny", "thorax")
+    values = {"dataset_dir": str(datalist.parent), "bundle_root": str(root), "max_epochs": epochs}
     return [
         sys.executable,
         "-m",
@@ -104,10 +93,11 @@ def _bundle_training(datalist, root, epochs: int) -> list[str]:
         "run",
         "training",
         "--config_file",
-        config,
+        repr([str(f) for f in files]),
     ] + overrides(values)
 
 
+@pytest.mark.slow
 def test_killed_bundle_training_resumes_to_the_same_weights(tiny_segthor_datalist, tmp_path):
     epochs, quiet = 3, {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     straight = subprocess.Popen(

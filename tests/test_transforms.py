@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.transforms import (
+from common.data.transforms import (
     NormaliseIntensityd,
     RemapLabelsd,
     invert_image,
@@ -28,7 +28,10 @@ def test_chain_gives_fixed_shape_range_and_labels(smooth_ct_pair):
         num_classes=3,
     )
     assert out["image"].shape == (1, 16, 16, 8) and out["label"].shape == (1, 16, 16, 8)
-    assert -1.0 <= out["image"].min() and out["image"].max() <= 1.0
+    # the CT window [-1000, 1000] HU maps HU / 1000; resampling stays inside the input's range
+    hu = smooth_ct_pair["array"]
+    assert hu.min() / 1000 - 1e-4 <= out["image"].min() < hu.min() / 1000 + 0.1
+    assert hu.max() / 1000 - 0.1 < out["image"].max() <= hu.max() / 1000 + 1e-4
     assert set(out["label"].unique().tolist()) == {0.0, 1.0, 2.0}
     # RAS after orientation: x spacing positive in the model-space affine
     assert out["image"].affine[0, 0] > 0

@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.datalist import write_datalist
-from common.importers import import_dataset
-from common.labels import load_label_set
-from common.validate import count_cases, format_report, validate_case, validate_datalist
+from common.data.datalists import write_datalist
+from common.data.importers import import_dataset
+from common.data.labels import load_label_set
+from common.data.validate import count_cases, format_report, validate_case, validate_datalist
 
 SHAPE = (8, 8, 4)
 
