@@ -1,8 +1,8 @@
-"""One paired volume with the paper preset on a GPU: seconds and peak GPU memory per stage.
+"""One paired volume with the paper scale on a GPU: seconds and peak GPU memory per stage.
 
     benchmarks/gpu.sh            # or: .venv/bin/python -m benchmarks.gpu [options]
 
-Networks are the paper preset's architectures, untrained (no paper-size weights ship;
+Networks are the paper scale's architectures, untrained (no paper-size weights ship;
 sampling cost does not depend on the weights). Stages: the MC-DPM with the paper's sampler
 (DDPM-1000), the fast sampler on one volume, on ``--batch-volumes`` volumes in one call and in
 as many single calls (the batching ratio; target <= 0.5), the fast sampler again under bf16
@@ -21,19 +21,36 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.suite import Sampler, bundle_config, sample_timed
-from common.refiner import refine_volume
-from common.seqgen import generate_volume
+from benchmarks.suite import (
+    Sampler,
+    mask_config,
+    mask_pipeline,
+    sample_timed,
+    with_sampler,
+)
+from common.core.bundle_configs import bundle_parser
+from common.images.refiner import refine_volume
+from common.images.sequence_generator import generate_volume
+from medgen3d.bundles import BUNDLES
+
+SDM_SETTINGS = (
+    "sdm_views",
+    "sdm_sampler",
+    "sdm_steps",
+    "sdm_t0",
+    "sdm_guidance",
+    "sdm_slice_batch",
+)
 
 
 def _parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="paper", help="bundle preset config (paper, demo)")
+    parser.add_argument("--scale", default="paper", help="bundle scale preset (paper, demo)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
-        "--mask-sampler", help="kind:steps[:bf16][:eta=X] (default: the preset's sampler)"
+        "--mask-sampler", help="kind:steps[:bf16][:eta=X] (default: the config's sampler)"
     )
     parser.add_argument("--fast-sampler", default="ddim:20", help="kind:steps[:eta=X]")
     parser.add_argument("--batch-volumes", type=int, default=8)
@@ -77,15 +94,15 @@ def main(argv=None) -> list[tuple]:
     args = _parse(argv)
     device = torch.device(args.device)
     stages = Stages(device)
-    mask_cfg = bundle_config("mask_diffusion", ("inference.yaml", f"{args.preset}.yaml"))
-    torch.manual_seed(0)
-    mask_net = mask_cfg.get_parsed_content("network_def").to(device).eval()
-    paper = Sampler.parse_setting(args.mask_sampler or f"{mask_cfg['sampler']}:{mask_cfg['steps']}")
+    mask_cfg = mask_config(args.scale, device=str(device))
+    paper = args.mask_sampler or ":".join(str(mask_cfg[k]) for k in ("sampler", "steps"))
+    paper = Sampler.parse_setting(paper)
     fast = Sampler.parse_setting(args.fast_sampler)
+    pipeline = mask_pipeline(mask_cfg, None)
     n = args.batch_volumes
 
     def masks(sampler, seeds, per_call=1):
-        return sample_timed(mask_net, mask_cfg, sampler, seeds, per_call, device)[0]
+        return sample_timed(with_sampler(pipeline, mask_cfg, sampler, per_call), seeds)[0]
 
     masks(dataclasses.replace(fast, steps=1), [0])  # warm-up: kernels, allocator
     with stages(f"MC-DPM {paper.name}, 1 volume"):
@@ -96,31 +113,34 @@ def main(argv=None) -> list[tuple]:
         masks(fast, range(n))
     with stages(f"MC-DPM {fast.name}, {n} volumes in one call"):
         masks(fast, range(n), n)
-    _channels_last([mask_net])
+    _channels_last([pipeline.network])
     fast16 = dataclasses.replace(fast, bf16=True)
     masks(dataclasses.replace(fast16, steps=1), [0])  # warm-up
     with stages(f"MC-DPM {fast16.name}, 1 volume, channels-last"):
         masks(fast16, [0])
-    mask_net.cpu()  # later stages' peak memory without it
+    pipeline.network.cpu()  # later stages' peak memory without it
 
-    image_cfg = bundle_config("image_synthesis", ("inference.yaml", f"{args.preset}.yaml"))
+    image_cfg = bundle_parser(
+        BUNDLES / "image_synthesis", ("inference.yaml",), args.scale, "thorax", {"device": device}
+    )
+    setting = {k: image_cfg.get_parsed_content(k) for k in SDM_SETTINGS}
     generator = image_cfg.get_parsed_content("network_def").to(device).eval()
-    onehot = F.one_hot(torch.as_tensor(labels[0]), image_cfg["num_classes"])
+    onehot = F.one_hot(torch.as_tensor(labels[0]), image_cfg.get_parsed_content("num_classes"))
     onehot = onehot.movedim(-1, 0)[None].float().to(device)
     with stages("sequence generator, 1 volume"):
         rough = generate_volume(generator, onehot)
     generator.cpu()
     refiner = image_cfg.get_parsed_content("refiner_def")
-    views = {v: copy.deepcopy(refiner).to(device).eval() for v in image_cfg["sdm_views"]}
+    views = {v: copy.deepcopy(refiner).to(device).eval() for v in setting["sdm_views"]}
     scheduler = image_cfg.get_parsed_content("scheduler")
     with torch.inference_mode():  # warm-up: kernels, allocator
         x, seg = rough[..., 0].expand(2, -1, -1, -1), onehot[..., 0].expand(2, -1, -1, -1)
         for net in views.values():
             net(x, timesteps=0, seg=seg)
-    refine_args = (image_cfg["sdm_t0"], image_cfg["sdm_guidance"], image_cfg["sdm_steps"], 0)
+    refine_args = (setting["sdm_t0"], setting["sdm_guidance"], setting["sdm_steps"], 0)
     label = (
-        f"refiner, {image_cfg['sdm_sampler'].upper()}-{image_cfg['sdm_steps']} from "
-        f"t0={image_cfg['sdm_t0']}, {len(views)} views, slice batch {image_cfg['sdm_slice_batch']}"
+        f"refiner, {setting['sdm_sampler'].upper()}-{setting['sdm_steps']} from "
+        f"t0={setting['sdm_t0']}, {len(views)} views, slice batch {setting['sdm_slice_batch']}"
     )
     for bf16 in (False, True):
         if bf16:
@@ -132,7 +152,7 @@ def main(argv=None) -> list[tuple]:
                 rough,
                 onehot,
                 *refine_args,
-                image_cfg["sdm_slice_batch"],
+                setting["sdm_slice_batch"],
                 bf16=bf16,
             )
     _print(stages.rows, device, n, f"MC-DPM {fast.name}")

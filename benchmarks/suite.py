@@ -7,53 +7,42 @@ size (Linux ``VmHWM``, reset at the start of each stage; elsewhere the process's
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
-from common.datalist import datalist_label_set, read_datalist
-from common.diffusion import make_scheduler, objective
-from common.io import load_weights
-from common.labels import LabelSet
-from common.mask_metrics import evaluate_masks
-from common.mcdpm import keep_single_components, plan_rounds, sample_mask_volumes
-from common.refiner import load_view_models, refine_volume, start_timestep
-from common.seqgen import generate_volume
-from common.sequences import extension_plan
+from common.core.bundle_configs import bundle_parser
+from common.data.datalists import datalist_label_set, read_datalist
+from common.data.labels import LabelSet
+from common.diffusion.schedulers import objective
+from common.images.refiner import refine_volume, start_timestep
+from common.masks.mcdpm import keep_single_components, plan_rounds
+from common.masks.metrics import evaluate_masks
+from common.masks.pipeline import MaskPipeline
+from common.masks.windows import extension_plan
+from medgen3d.bundles import BUNDLES
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_DATALIST = REPO / "data" / "thorax_demo" / "train.json"
-MASK_CONFIGS = ("inference.yaml", "demo.yaml")
-IMAGE_CONFIGS = ("inference.yaml", "demo.yaml")
-# bundle demo trainings: (name, bundle, config files)
-TRAININGS = (
-    ("mask_diffusion (MC-DPM)", "mask_diffusion", ("train.yaml", "demo.yaml")),
-    ("image_synthesis generator", "image_synthesis", ("train_generator.yaml", "demo.yaml")),
-    ("image_synthesis refiner (axial)", "image_synthesis", ("train_refiner.yaml", "demo.yaml")),
-    ("seg_downstream (unet3d)", "seg_downstream", ("train.yaml", "demo.yaml")),
-)
 QUALITY_KEYS = ("volume_w1_rel", "components_gen", "z_continuity_gen")
 
 
 def bundle_config(bundle: str, files: Sequence[str], **overrides) -> ConfigParser:
-    """A bundle's configs merged in order, with ``id: value`` overrides (``a#b`` ids)."""
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles" / bundle / "configs" / f) for f in files])
+    """A bundle's ``files`` with the demo thorax presets and ``id: value`` overrides."""
+    parser = bundle_parser(BUNDLES / bundle, files, "demo", "thorax")
     for key, value in overrides.items():
         parser[key] = value
     return parser
@@ -106,23 +95,46 @@ def stage(record: dict, name: str) -> Iterator[None]:
 # ---------------------------------------------------------------- MC-DPM sampling
 
 
-def load_mask_model(ckpt: str | Path | None, **overrides) -> tuple[torch.nn.Module, ConfigParser]:
-    """The mask bundle's demo network (weights from ``ckpt``; untrained when None)."""
-    config = bundle_config("mask_diffusion", MASK_CONFIGS, **overrides)
-    torch.manual_seed(0)
-    net = config.get_parsed_content("network_def")
-    if ckpt is not None:
-        load_weights(net, ckpt)
-    return net.eval(), config
+def changed(pipeline, **settings):
+    """A copy of a pipeline that shares its networks, with other ``settings`` (attributes)."""
+    unknown = set(settings) - set(vars(pipeline))
+    if unknown:
+        raise ValueError(f"not a setting of {type(pipeline).__name__}: {sorted(unknown)}")
+    variant = copy.copy(pipeline)
+    vars(variant).update(settings)
+    return variant
 
 
-def mask_scheduler(config: ConfigParser, kind: str):
-    """A scheduler of ``kind`` with the bundle's training schedule."""
-    return make_scheduler(
-        kind,
-        num_train_timesteps=config["num_train_timesteps"],
-        schedule=config["beta_schedule"],
-        prediction_type=config["prediction_type"],
+def mask_config(scale: str = "demo", **overrides) -> ConfigParser:
+    """The mask bundle's inference config (thorax) at ``scale`` with ``overrides``."""
+    parser = bundle_parser(BUNDLES / "mask_diffusion", ("inference.yaml",), scale, "thorax")
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def mask_pipeline(config: ConfigParser, ckpt: str | Path | None) -> MaskPipeline:
+    """The config's pipeline with weights from ``ckpt`` (untrained, seed 0, when None)."""
+    if ckpt is None:
+        torch.manual_seed(0)
+        config["pipeline#network"] = "@network_def"
+    else:
+        config["ckpt_path"] = str(ckpt)
+    return config.get_parsed_content("pipeline")
+
+
+def with_sampler(
+    pipeline: MaskPipeline, config: ConfigParser, sampler: Sampler, per_call: int = 1
+) -> MaskPipeline:
+    """``pipeline`` sampling as ``sampler`` says, ``per_call`` volumes per batch."""
+    config["sampler"] = sampler.kind  # the config's scheduler, of this kind
+    return changed(
+        pipeline,
+        scheduler=config.get_parsed_content("scheduler"),
+        steps=sampler.steps,
+        eta=sampler.eta,
+        bf16=sampler.bf16,
+        batch_size=per_call,
     )
 
 
@@ -161,39 +173,20 @@ class Sampler:
 
 
 def sample_timed(
-    net,
-    config: ConfigParser,
-    sampler: Sampler,
-    seeds: Sequence[int],
-    per_call: int = 1,
-    device: str | torch.device = "cpu",
+    pipeline: MaskPipeline, seeds: Sequence[int]
 ) -> tuple[list[np.ndarray], list[float]]:
-    """Sample a volume per seed, ``per_call`` volumes per call; volumes and seconds per call.
+    """Raw volumes (before post-processing), one per seed, ``pipeline.batch_size`` per call;
+    the volumes and the seconds of each call.
 
     Every volume starts from a first window in the middle of the volume (the plan with the
     fewest rounds), so all volumes cost the same work.
     """
     volumes, seconds = [], []
-    scheduler = mask_scheduler(config, sampler.kind)
-    depth, m = config["spatial_size"][2], config["m"]
-    for i in range(0, len(seeds), per_call):
+    z0 = (pipeline.spatial_size[2] - pipeline.m) // 2
+    for i in range(0, len(seeds), pipeline.batch_size):
+        chunk = list(seeds[i : i + pipeline.batch_size])
         t0 = time.perf_counter()
-        chunk = list(seeds[i : i + per_call])
-        out = sample_mask_volumes(
-            net,
-            scheduler,
-            config["num_classes"],
-            config["spatial_size"],
-            m,
-            config["n"],
-            sampler.steps,
-            seeds=chunk,
-            guidance=config["guidance"],
-            z0=[(depth - m) // 2] * len(chunk),
-            device=device,
-            bf16=sampler.bf16,
-            eta=sampler.eta,
-        )
+        out = pipeline(chunk, postprocess=False, z0=[z0] * len(chunk))
         seconds.append(time.perf_counter() - t0)
         volumes += [v.numpy() for v in out]
     return volumes, seconds
@@ -202,14 +195,15 @@ def sample_timed(
 def real_masks(datalist: str | Path) -> tuple[list[np.ndarray], LabelSet, list]:
     """The datalist's real label volumes on the mask model's grid (as the bundle evaluates),
     its label set and the grid's voxel size in mm."""
-    config = bundle_config("mask_diffusion", ("evaluate.yaml", "demo.yaml"))
+    config = mask_config()
     preprocessing = config.get_parsed_content("preprocessing")
     doc = read_datalist(datalist)
     masks = [
         np.asarray(preprocessing(case)["label"][0]).round().astype(np.int64)
         for case in doc["training"]
     ]
-    return masks, datalist_label_set(doc, datalist), list(config["output_pixdim"])
+    spacing = list(config.get_parsed_content("output_pixdim"))
+    return masks, datalist_label_set(doc, datalist), spacing
 
 
 def quality(volumes: list[np.ndarray], real: tuple) -> dict:
@@ -227,12 +221,6 @@ def quality(volumes: list[np.ndarray], real: tuple) -> dict:
     return out
 
 
-def keep_largest(volumes: list[np.ndarray], label_set: LabelSet) -> list[np.ndarray]:
-    """The bundle's default post-processing: one piece per single-component label."""
-    single = [label_set.names.index(name) for name in label_set.single_component]
-    return [keep_single_components(torch.from_numpy(v), single).numpy() for v in volumes]
-
-
 def mask_sampling(
     samplers: Sequence[Sampler],
     ckpt: str | Path | None,
@@ -248,36 +236,42 @@ def mask_sampling(
     calls. Samplers whose objective differs from the checkpoint's (rflow on a DDPM model)
     are timing only.
     """
-    net, config = load_mask_model(ckpt)
+    config = mask_config()
+    pipeline = mask_pipeline(config, ckpt)
     sha = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()[:12] if ckpt else None
-    trained = mask_scheduler(config, config["sampler"])
     rows = []
     for sampler in samplers:
+        sampling = with_sampler(pipeline, config, sampler)
         with stage(memory, f"MC-DPM {sampler.name}, 1 volume per call"):
-            masks, seconds = sample_timed(net, config, sampler, range(sampler.volumes))
-        kind = objective(mask_scheduler(config, sampler.kind))
-        valid = ckpt is not None and real is not None and kind == objective(trained)
+            masks, seconds = sample_timed(sampling, range(sampler.volumes))
+        same_objective = objective(sampling.scheduler) == objective(pipeline.scheduler)
+        valid = ckpt is not None and real is not None and same_objective
+        single = pipeline.single_component
+        kept = [keep_single_components(torch.from_numpy(v), single) for v in masks]
         rows.append(
             {
                 "sampler": sampler,
                 "s_per_volume": float(np.mean(seconds)),
                 "seconds": seconds,
                 "quality": quality(masks, real) if valid else None,
-                "quality_kept": quality(keep_largest(masks, real[1]), real) if valid else None,
+                "quality_kept": quality([v.numpy() for v in kept], real) if valid else None,
             }
         )
-    out = {"rows": rows, "spatial_size": list(config["spatial_size"])}
-    out["n_real"] = len(real[0]) if real is not None else 0
-    out["ckpt"] = {"path": str(ckpt), "sha256": sha} if ckpt else None
-    out.update(m=config["m"], n=config["n"], guidance=config["guidance"])
+    out = {"rows": rows, "spatial_size": pipeline.spatial_size, "n_real": 0, "ckpt": None}
+    if real is not None:
+        out["n_real"] = len(real[0])
+    if ckpt:
+        out["ckpt"] = {"path": str(ckpt), "sha256": sha}
+    out.update(m=pipeline.m, n=pipeline.n, guidance=pipeline.guidance)
     singles = next((r for r in rows if r["sampler"] == default), None)
     single_s = (
         sum(singles["seconds"][:batch_volumes])
         if singles and default.volumes >= batch_volumes
-        else sum(sample_timed(net, config, default, range(batch_volumes))[1])
+        else sum(sample_timed(with_sampler(pipeline, config, default), range(batch_volumes))[1])
     )
+    batching = with_sampler(pipeline, config, default, batch_volumes)
     with stage(memory, f"MC-DPM {default.name}, {batch_volumes} volumes per call"):
-        _, batched = sample_timed(net, config, default, range(batch_volumes), batch_volumes)
+        _, batched = sample_timed(batching, range(batch_volumes))
     out["batched"] = {
         "sampler": default,
         "volumes": batch_volumes,
@@ -297,33 +291,36 @@ def image_stage(
     """Seconds per volume of the sequence generator and of the refiner (shipped demo weights)
     on the real masks of ``datalist``, ``volumes`` volumes per call; the refiner once per
     ``slice_batch`` after a warm-up, then at the last slice batch under bf16 autocast."""
-    config = bundle_config("image_synthesis", IMAGE_CONFIGS)
-    models_dir = REPO / "bundles" / "image_synthesis" / "models"
-    generator = load_weights(config.get_parsed_content("network_def"), models_dir / "generator.pt")
-    views = load_view_models(
-        config.get_parsed_content("refiner_def"), models_dir, config["sdm_views"]
-    )
-    scheduler = config.get_parsed_content("scheduler")
+    config = bundle_config("image_synthesis", ("inference.yaml",))
+    pipeline = config.get_parsed_content("pipeline")
     masks, _, _ = real_masks(datalist)
     labels = torch.as_tensor(np.stack(masks[:volumes]))
-    onehot = F.one_hot(labels, config["num_classes"]).movedim(-1, 1).float()
+    onehot = F.one_hot(labels, config.get_parsed_content("num_classes")).movedim(-1, 1).float()
+    sequence_only = changed(pipeline, refine=False)
     with stage(memory, "sequence generator, 1 volume"):
-        rough = generate_volume(generator.eval(), onehot[:1])
+        sequence_only(onehot[:1], 0)
     seq_single = memory["sequence generator, 1 volume"]["seconds"]
     with stage(memory, f"sequence generator, {volumes} volumes per call"):
-        rough = generate_volume(generator, onehot)
+        rough, _ = sequence_only(onehot, 0)
     seq_batched = memory[f"sequence generator, {volumes} volumes per call"]["seconds"] / volumes
-    steps, t0, guidance = config["sdm_steps"], config["sdm_t0"], config["sdm_guidance"]
-    t_start = start_timestep(scheduler, steps, t0)
+    scheduler, steps = pipeline.scheduler, pipeline.steps
+    t_start = start_timestep(scheduler, steps, pipeline.t0)
     scheduler.set_timesteps(steps)
     t_steps = sum(int(t) <= t_start for t in scheduler.timesteps)
-    refine_args = (views, scheduler, rough, onehot, t0, guidance, steps, 0)
-    refine_volume(*refine_args, slice_batches[0])  # warm-up
+
+    def refine(slice_batch: int, bf16: bool = False) -> None:
+        """The pipeline's refinement alone, of the generator's volumes ``rough``."""
+        p = pipeline
+        refine_volume(
+            p.refiners, scheduler, rough, onehot, p.t0, p.guidance, steps, 0, slice_batch, bf16=bf16
+        )
+
+    refine(slice_batches[0])  # warm-up
     rows = []
     for slice_batch, bf16 in [(b, False) for b in slice_batches] + [(slice_batches[-1], True)]:
         name = f"refiner, slice batch {slice_batch}{', bf16' if bf16 else ''}"
         with stage(memory, name):
-            refine_volume(*refine_args, slice_batch, bf16=bf16)
+            refine(slice_batch, bf16)
         calls = t_steps * sum(-(-volumes * onehot.shape[i] // slice_batch) for i in (2, 3, 4))
         rows.append(
             {
@@ -333,89 +330,20 @@ def image_stage(
                 "forward_calls": calls,
             }
         )
+    t0, guidance = pipeline.t0, pipeline.guidance
     return {
         "spatial_size": list(onehot.shape[2:]),
         "volumes": volumes,
         "seqgen_s": seq_single,
         "seqgen_batched_s": seq_batched,
-        "sampler": config["sdm_sampler"],
+        "sampler": config.get_parsed_content("sdm_sampler"),
         "steps": steps,
         "t0": t0,
         "t_steps": t_steps,
         "guidance": guidance,
-        "views": list(config["sdm_views"]),
+        "views": list(pipeline.refiners),
         "refiner": rows,
     }
-
-
-# ---------------------------------------------------------------- training
-
-
-def _timed_run(trainer, data, iters: int) -> float:
-    """Seconds per iteration of ``trainer`` over ``data``, ``iters + 1`` iterations, the first
-    (warm-up) not counted."""
-    stamps: list[float] = []
-    handle = trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter())
-    )
-    trainer.state.max_epochs = None  # a fresh run of exactly iters + 1 iterations
-    Engine.run(trainer, data, max_epochs=1, epoch_length=iters + 1)
-    handle.remove()
-    return (stamps[-1] - stamps[0]) / iters
-
-
-def _batch_size(batch) -> int:
-    """Samples in a collated batch: the first dimension of its first tensor."""
-    if isinstance(batch, dict):
-        return _batch_size(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
-    return int(batch.shape[0])
-
-
-def training(iters: int, memory: dict, datalist: str | Path, trainings=TRAININGS) -> list[dict]:
-    """Each bundle's demo training on ``datalist``: ``iters`` iterations through its own data
-    pipeline (CacheDataset, random crops) and then over the same batches already in memory."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, bundle, files in trainings:
-            overrides = {
-                "bundle_root": tmp,
-                "dataset_dir": str(Path(datalist).parent),
-                "datalist": str(datalist),
-                "train#handlers": [],
-                "device": "$torch.device('cpu')",
-            }
-            if bundle == "seg_downstream":
-                overrides["validate_data"] = False
-            config = bundle_config(bundle, files, **overrides)
-            with stage(memory, f"training {name}"):
-                t0 = time.perf_counter()
-                loader = config.get_parsed_content("train#dataloader")
-                cache_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                batches = list(islice(_cycle(loader), iters + 1))
-                loader_s = (time.perf_counter() - t0) / len(batches)
-                trainer = config.get_parsed_content("train#trainer")
-                real_s = _timed_run(trainer, loader, iters)
-                memory_s = _timed_run(trainer, batches, iters)
-            samples = _batch_size(batches[0])
-            rows.append(
-                {
-                    "name": name,
-                    "cache_s": cache_s,
-                    "samples_per_iter": samples,
-                    "loader_s": loader_s,
-                    "step_s": real_s,
-                    "step_in_memory_s": memory_s,
-                    "loader_share": loader_s / real_s,
-                }
-            )
-    return rows
-
-
-def _cycle(loader) -> Iterator:
-    """Batches of ``loader``, epoch after epoch."""
-    while True:
-        yield from loader
 
 
 # ---------------------------------------------------------------- scaling
@@ -427,15 +355,12 @@ def scaling(depths: Sequence[int], sizes: Sequence[int], base: tuple[int, int], 
     in-plane size at depth ``base[1]``."""
 
     def run(h: int, d: int) -> dict:
-        net, config = load_mask_model(None, spatial_size=[h, h, d])
-        m, n = config["m"], config["n"]
-        z0 = (d - m) // 2
-        rounds = plan_rounds(extension_plan(d, m, n, z0))
+        config = mask_config(spatial_size=[h, h, d], sampler="ddim", steps=steps, batch_size=1)
+        pipeline = mask_pipeline(config, None)
+        z0 = (d - pipeline.m) // 2
+        rounds = plan_rounds(extension_plan(d, pipeline.m, pipeline.n, z0))
         t0 = time.perf_counter()
-        sample_mask_volumes(
-            net, mask_scheduler(config, "ddim"), config["num_classes"], [h, h, d], m, n, steps,
-            seeds=[0], z0=[z0],
-        )  # fmt: skip
+        pipeline([0], postprocess=False, z0=[z0])
         seconds = time.perf_counter() - t0
         windows = sum(len(r) for r in rounds)
         return {"size": h, "depth": d, "windows": windows, "rounds": len(rounds), "s": seconds}
