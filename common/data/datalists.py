@@ -79,7 +79,9 @@ def datalist_label_set(doc: dict, path: str | Path = "datalist") -> LabelSet:
     try:
         return LabelSet.from_dict(doc)
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(str(path), f"invalid 'labels' block ({e})", "see common/data/label_sets/") from e
+        raise DataError(
+            str(path), f"invalid 'labels' block ({e})", "see common/data/label_sets/"
+        ) from e
 
 
 def datalist_modality(doc: dict, path: str | Path = "datalist") -> str:

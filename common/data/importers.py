@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.datalists import MODALITIES, write_datalist
 from common.core.errors import DataError
+from common.data.datalists import MODALITIES, write_datalist
 from common.data.labels import LabelSet, builtin_label_sets, load_label_set
 
 Found = dict[str, dict[str, Path | None]]

@@ -120,5 +120,7 @@ def load_label_set(name_or_path: str | Path) -> LabelSet:
         return LabelSet.from_dict(d, name=d.get("name") or path.stem)
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
         raise DataError(
-            str(path), f"not a valid label set ({e})", "see common/data/label_sets/*.yaml for the layout"
+            str(path),
+            f"not a valid label set ({e})",
+            "see common/data/label_sets/*.yaml for the layout",
         ) from e

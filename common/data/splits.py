@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.data.datalists import datalist_label_set, read_datalist
 from common.core.errors import DataError
+from common.data.datalists import datalist_label_set, read_datalist
 from common.data.validate import MAX_VOXELS, require_valid
 
 

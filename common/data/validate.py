@@ -14,9 +14,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.data.datalists import SECTIONS, datalist_label_set, datalist_modality
 from common.core.errors import DataError
 from common.core.io import load_volume, read_json
+from common.data.datalists import SECTIONS, datalist_label_set, datalist_modality
 from common.data.labels import LabelSet
 
 MAX_VOXELS = 512**3
