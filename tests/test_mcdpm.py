@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from bundle_helpers import REPO
+from monai.networks.schedulers import RFlowScheduler
 from scipy import ndimage
 
 from common.core.bundle_configs import bundle_parser
@@ -215,3 +216,56 @@ def test_mask_pipeline_seeds_in_volumes_out_independent_of_the_batch():
     for volume in out.numpy():
         for label in pipeline.single_component:
             assert ndimage.label(volume == label, structure=np.ones((3, 3, 3)))[1] <= 1
+
+
+def _noise_levels(scheduler, t):
+    """``(a, b)`` with ``x_t = a x0 + b noise`` at timesteps ``t (B,)``, as ``(B, 1, 1, 1, 1)``."""
+    if isinstance(scheduler, RFlowScheduler):
+        s = t.float() / scheduler.num_train_timesteps
+        a, b = 1 - s, s
+    else:
+        abar = scheduler.alphas_cumprod[t]
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+    return a.view(-1, 1, 1, 1, 1), b.view(-1, 1, 1, 1, 1)
+
+
+def _implied_noise(inputs, x0, t, scheduler, slices):
+    """``(noisy channels - a x0) / b`` on ``slices``: standard normal where ``x_t`` was noised."""
+    a, b = _noise_levels(scheduler, t)
+    return ((inputs[:, :K][..., slices] - a * x0[..., slices]) / b).flatten()
+
+
+@pytest.mark.parametrize("kind", ["ddim", "rflow"])
+def test_guided_unconditional_input_is_the_trained_unconditional_branch(kind):
+    """With guidance the unconditional half of each pass must look like MCDPMPrepareBatch's
+    unconditional branch: no condition channels, every slice noised to t (the given ones
+    freshly from their clean values), nothing clean in the noisy channels."""
+    scheduler = make_scheduler(kind)
+    train = MCDPMPrepareBatch(scheduler, n=2, p_forward=0, p_backward=0, seed=0)
+    batch = _batch(64)
+    inputs, _, _, kw = train(batch)
+    t = kw["timesteps"]
+    keep = t >= 1  # rflow's t = 0 is noise-free
+    assert (inputs[:, K:] == 0).all()  # training: no condition channels
+    x0 = batch["label"][keep] * 2 - 1
+    trained = _implied_noise(inputs[keep], x0, t[keep], scheduler, slice(None))
+    assert abs(trained.mean()) < 0.05 and abs(trained.std() - 1) < 0.05
+
+    net, seen = _net(), []
+    net.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].clone(), kwargs["timesteps"])),
+        with_kwargs=True,
+    )
+    sample_mask_volumes(net, scheduler, K, (H, W, 12), 4, 2, 4, seeds=[1], guidance=3.0, z0=[4])
+    guided = [(x, t) for x, t in seen if x.shape[0] == 4]  # 2 windows x 2 branches
+    assert len(guided) == 2 * 4  # two rounds of 4 steps
+    for x, t in guided:
+        cond, uncond = x.chunk(2)
+        given = cond[:, -1, 0, 0].bool()  # (2, m) the conditional half's indicator
+        assert given.any(1).all() and (uncond[:, K:] == 0).all()
+        for j in range(2):
+            free, g = ~given[j], given[j]
+            assert torch.equal(uncond[j, :K][..., free], cond[j, :K][..., free])
+            clean = cond[j : j + 1, K : 2 * K]  # the given slices' clean values
+            noise = _implied_noise(uncond[j : j + 1], clean, t[j : j + 1], scheduler, g)
+            assert abs(noise.mean()) < 0.2 and abs(noise.std() - 1) < 0.2, int(t[j])

@@ -147,6 +147,24 @@ def test_guidance_in_one_pass_equals_two_calls():
     torch.testing.assert_close(one_pass, two_calls, atol=1e-5, rtol=1e-5)
 
 
+def test_guided_unconditional_input_is_the_trained_condition_dropout():
+    """The unconditional half of a guided pass sees what SDMPrepareBatch's dropped samples
+    see: the same noisy slice, an all-zero mask of the same shape."""
+    scheduler, net, seen = _eps("ddpm"), _net(), []
+    net.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append((args[0], kwargs["seg"])), with_kwargs=True
+    )
+    x, seg = torch.rand(3, 1, 8, 8), _pair(3, (8, 8, 1))[1][..., 0]
+    image = torch.rand(3, 1, 8, 8) * 2 - 1
+    _, _, _, dropped = SDMPrepareBatch(scheduler, 1.0, seed=0)({"image": image, "label": seg})
+    with torch.no_grad():
+        view_model(net, seg, 1.5)(x, torch.tensor([10, 4, 0]))
+    ((inputs, segs),) = seen
+    assert all(torch.equal(half, x) for half in inputs.chunk(2))
+    cond, uncond = segs.chunk(2)
+    assert torch.equal(cond, seg) and torch.equal(uncond, dropped["seg"])
+
+
 def test_zero_noise_model_returns_the_noised_start_rescaled():
     """DDIM with a model that predicts zero noise: x0 = x_t0 / sqrt(alpha_bar_t0)."""
     scheduler, (image, mask) = _eps("ddim"), _pair()

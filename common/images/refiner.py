@@ -329,8 +329,8 @@ def refine_volume(
 
     Args:
         models: ``{view: network}`` for some of ``axial``, ``coronal``, ``sagittal``.
-        scheduler: from ``common.diffusion.schedulers.make_scheduler`` (DDPM, or DDIM for
-            fewer steps).
+        scheduler: from ``common.diffusion.schedulers.make_scheduler`` (DDPM or DDIM, at
+            any number of steps: ``sample`` respaces them).
         image: ``(B, 1, H, W, D)`` in [-1, 1], e.g. the sequence generator's output.
         onehot_mask: ``(B, K, H, W, D)`` one-hot {0, 1}.
         t0: noise level to refine from (of the training schedule, the paper: 10 of 1000);

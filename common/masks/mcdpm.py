@@ -229,15 +229,24 @@ def _denoise_window(network, scheduler, noise, cond, given, z, steps, gens, guid
     """Denoise windows ``(B, K, H, W, m)`` keeping the given slices equal to ``cond``.
 
     With guidance, the conditional and unconditional (nothing given) branches run in one
-    forward pass of ``2B`` windows; ``bf16`` runs that pass under bf16 autocast.
+    forward pass of ``2B`` windows; ``bf16`` runs that pass under bf16 autocast. The
+    unconditional branch sees what training's does: every slice noised to ``t``, the given
+    ones freshly from ``cond`` (noise from each window's generator), no condition channels.
     """
     g = given[:, None, None, None, :].float()
     guide = guidance != 1.0 and bool(given.any())
     branches = torch.cat([given, torch.zeros_like(given)]) if guide else given
     cond_b, z_b = (cond.repeat(2, 1, 1, 1, 1), z.repeat(2)) if guide else (cond, z)
 
+    def unconditional(x, t):
+        fresh = torch.stack(
+            [torch.randn(x.shape[1:], generator=gn, device=x.device) for gn in gens]
+        )
+        noised = scheduler.add_noise(original_samples=cond, noise=fresh, timesteps=t)
+        return x * (1 - g) + noised * g
+
     def model(x, t):
-        x_b, t_b = (x.repeat(2, 1, 1, 1, 1), t.repeat(2)) if guide else (x, t)
+        x_b, t_b = (torch.cat([x, unconditional(x, t)]), t.repeat(2)) if guide else (x, t)
         inputs = network_input(x_b, cond_b, branches)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = network(inputs, timesteps=t_b, class_labels=z_b).float()
