@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint
+.PHONY: demo test test-fast lint monailabel-check
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,3 +23,8 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
+
+# A real MONAI Label server with the exported seg_downstream bundle (its own ~6 GB environment,
+# built once; minutes): not part of `make test`.
+monailabel-check: $(STAMP)
+	benchmarks/monailabel_check.sh

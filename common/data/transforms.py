@@ -10,6 +10,9 @@ Chain (dictionary transforms, keys ``image`` and ``label``)::
 Every spatial step and the intensity step are invertible, so ``invert_image`` brings a
 model-space image back to the source grid, affine and HU / original range.
 Output tensors are ``(1, H, W, D)`` (image) and ``(1 or K, H, W, D)`` (label).
+
+``image_transforms`` is the chain for an image alone (segmentation inference, MONAI Label):
+the same grid and field of view without a label to crop by.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from monai.transforms import (
     Orientationd,
     Resized,
     ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
     Spacingd,
 )
 
@@ -50,6 +55,25 @@ def any_label_in_slice(label: torch.Tensor) -> torch.Tensor:
         .any(dim=2, keepdim=True)
         .expand(1, *label.shape[1:])
     )
+
+
+class OwnKeysSpacingd(Spacingd):
+    """MONAI's ``Spacingd`` that leaves the data's other entries alone.
+
+    Since MONAI 1.6, ``Spacingd`` calls ``.update`` on every entry whose name starts with
+    ``<key>_`` (meant for ``<key>_meta_dict``); MONAI Label puts the string ``image_path``
+    there, which fails. Here only the transformed keys and their dictionary-valued
+    ``<key>_*`` entries go through ``Spacingd``; everything else passes unchanged.
+    """
+
+    def __call__(self, data, lazy: bool | None = None):
+        prefixes = tuple(f"{k}_" for k in self.keys)
+        own = {
+            k: v
+            for k, v in data.items()
+            if k in self.keys or (str(k).startswith(prefixes) and isinstance(v, dict))
+        }
+        return {**data, **super().__call__(own, lazy=lazy)}
 
 
 class RemapLabelsd(MapTransform):
@@ -159,7 +183,7 @@ def volume_transforms(
         else EnsureTyped(keys, track_meta=True),
         EnsureTyped(keys, dtype=torch.float32, track_meta=True),
         Orientationd(keys, axcodes="RAS", labels=None),
-        Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")),
+        OwnKeysSpacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")),
         RemapLabelsd("label", source_map),
         CropForegroundd(
             keys,
@@ -177,6 +201,49 @@ def volume_transforms(
     if one_hot:
         steps.append(AsDiscreted("label", to_onehot=num_classes))
     return Compose(steps)
+
+
+def image_transforms(
+    modality: str,
+    pixdim: Sequence[float],
+    spatial_size: Sequence[int],
+    ct_window: Sequence[float] = CT_WINDOW,
+    mri_percentiles: Sequence[float] = MRI_PERCENTILES,
+) -> Compose:
+    """``{"image": path}`` -> ``image (1, H, W, D)`` in [-1, 1] on the model grid, no label.
+
+    RAS, resampled to ``pixdim``, intensities as in ``volume_transforms``, then the centre
+    ``spatial_size`` (padded with -1, air): the grid and field of view training sees when a
+    case's labelled z-range spans about D slices at ``pixdim`` (the demo cohorts). The
+    spatial steps are invertible, so ``Invertd`` brings a prediction back to the input's grid
+    and affine; the intensity step is left out of the inversion (MONAI's ScaleIntensity*).
+    """
+    if modality not in ("CT", "MRI"):
+        raise ValueError(f"modality must be CT or MRI, got {modality!r}")
+    intensity = (
+        ScaleIntensityRanged(
+            "image", a_min=ct_window[0], a_max=ct_window[1], b_min=-1.0, b_max=1.0, clip=True
+        )
+        if modality == "CT"
+        else ScaleIntensityRangePercentilesd(
+            "image",
+            lower=mri_percentiles[0],
+            upper=mri_percentiles[1],
+            b_min=-1.0,
+            b_max=1.0,
+            clip=True,
+        )
+    )
+    return Compose(
+        [
+            LoadImaged("image", reader="NibabelReader", ensure_channel_first=True, image_only=True),
+            EnsureTyped("image", dtype=torch.float32, track_meta=True),
+            Orientationd("image", axcodes="RAS", labels=None),
+            OwnKeysSpacingd("image", pixdim=pixdim, mode="bilinear"),
+            intensity,
+            ResizeWithPadOrCropd("image", spatial_size=[int(s) for s in spatial_size], value=-1.0),
+        ]
+    )
 
 
 def invert_image(model_image: torch.Tensor, reference: dict, transforms: Compose) -> MetaTensor:

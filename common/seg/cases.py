@@ -23,7 +23,11 @@ def image_cases(path: str | Path) -> list[dict]:
     datalist JSON (every image of every section)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+        files = sorted(  # hidden files are not images (e.g. a killed writer's temporaries)
+            str(p)
+            for p in path.iterdir()
+            if p.name.endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
+        )
     elif path.name.endswith(".json"):
         doc = read_datalist(path)
         files = [c["image"] for s in SECTIONS for c in doc.get(s, []) if c.get("image")]

@@ -101,10 +101,16 @@ def report(
 
 
 def summary_table(summary: Mapping) -> str:
-    """Markdown table of a ``summarise`` result: one row per label and the mean."""
-    lines = ["| label | Dice | HD95 (mm) |", "|---|---|---|"]
+    """Markdown table of a ``summarise`` result: one row per label and the mean (Dice, HD95,
+    and the Dice on each case's own grid when the summary has ``dice_own_grid``)."""
+    own = "dice_own_grid" in summary
+    lines = [
+        "| label | Dice | HD95 (mm) |" + (" Dice, own grid |" if own else ""),
+        "|---|---|---|" + ("---|" if own else ""),
+    ]
     for label, dice in summary["dice"].items():
-        lines.append(f"| {label} | {dice:.3f} | {summary['hd95'][label]:.1f} |")
+        cells = f"| {label} | {dice:.3f} | {summary['hd95'][label]:.1f} |"
+        lines.append(cells + (f" {summary['dice_own_grid'][label]:.3f} |" if own else ""))
     return "\n".join(lines)
 
 

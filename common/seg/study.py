@@ -188,6 +188,8 @@ def seg_study(
     seed: int | None = None,
     max_epochs: int | None = None,
     finetune_epochs: int | None = None,
+    lr: float | None = None,
+    finetune_lr: float | None = None,
     overrides: Mapping | None = None,
     bundle: str | None = None,
 ) -> str:
@@ -219,6 +221,7 @@ def seg_study(
         seed: seed of the split, the synthetic draw and training (presets').
         max_epochs: epochs of a training stage (presets').
         finetune_epochs: epochs of a fine-tuning stage (presets').
+        lr, finetune_lr: learning rate of a training / fine-tuning stage (presets').
         overrides: further bundle config overrides for every run, e.g. "{'batch_size': 4}".
         bundle: the seg_downstream bundle folder (default: this repository's).
     Returns the results tables (markdown).
@@ -239,6 +242,8 @@ def seg_study(
         "seed": seed,
         "max_epochs": max_epochs,
         "finetune_epochs": finetune_epochs,
+        "lr": lr,
+        "finetune_lr": finetune_lr,
     }
     settings = study_settings(bundle_dir, scale, dataset, overrides, given)
     study = _Study(
