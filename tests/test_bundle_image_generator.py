@@ -27,7 +27,7 @@ def test_train_two_iterations_saves_plain_generator(tiny_segthor_datalist, tmp_p
     )
     assert "Iter: 1/1" in out and "val_psnr" in out and "val_ssim" in out
     network = bundle_parser(BUNDLE, STAGE, "tiny", "thorax").get_parsed_content("network_def")
-    for name in ("generator.pt", "generator_best.pt"):
+    for name in ("model.pt", "model_best.pt"):
         state = torch.load(root / "models" / name, weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in state.values())  # plain state dict
         load_weights(network, root / "models" / name)

@@ -11,7 +11,8 @@ import torch
 from bundle_helpers import REPO, monai_bundle, overrides
 from monai.bundle import ConfigParser, verify_net_in_out
 
-from common.core.bundle_configs import config_files
+from common.core.bundle_configs import bundle_parser, config_files
+from common.core.io import load_weights
 from common.data.datalists import read_datalist, write_datalist
 from common.data.labels import load_label_set
 from common.data.validate import validate_datalist
@@ -49,7 +50,7 @@ def test_base_config_alone_loads_the_shipped_weights_strictly():
     assert isinstance(pipeline, ImagePipeline) and pipeline.refine
     assert sorted(pipeline.refiners) == ["axial", "coronal", "sagittal"]
     nets = {f"refiner_{view}": net for view, net in pipeline.refiners.items()}
-    nets["generator"] = pipeline.generator
+    nets["model"] = pipeline.generator  # the sequence generator
     for name, net in nets.items():
         saved = torch.load(MODELS / f"{name}.pt", map_location="cpu", weights_only=True)
         own = net.state_dict()
@@ -75,7 +76,7 @@ def test_pipeline_is_seeded_and_a_volume_does_not_depend_on_its_batch():
 
 
 def test_pipeline_without_refinement_needs_no_refiner_weights(tmp_path):
-    shutil.copy(MODELS / "generator.pt", tmp_path / "generator.pt")
+    shutil.copy(MODELS / "model.pt", tmp_path / "model.pt")
     pipeline = _base(refine=False, ckpt_dir=str(tmp_path)).get_parsed_content("pipeline")
     sequence, refined = pipeline(_masks(1), [0])
     assert not pipeline.refiners and refined is sequence
@@ -141,3 +142,23 @@ def test_verify_net_in_out():
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         config_file=str(BUNDLE / "configs" / "inference.yaml"),
     )
+
+
+def test_shipped_generator_exports_to_torchscript(tmp_path):
+    """The model zoo's TorchScript check on models/model.pt (the sequence generator)."""
+    from monai.bundle import ckpt_export
+
+    ts = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts),
+        ckpt_file=str(MODELS / "model.pt"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        config_file=str(BUNDLE / "configs" / "inference.yaml"),
+        bundle_root=str(BUNDLE),
+    )
+    parser = bundle_parser(BUNDLE, ("inference.yaml",), None, None)
+    eager = load_weights(parser.get_parsed_content("network_def"), MODELS / "model.pt").eval()
+    x = torch.rand(1, 17, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(ts))(x), eager(x))

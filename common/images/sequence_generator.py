@@ -75,7 +75,7 @@ class SliceGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
             raise ValueError(
-                f"slice size {tuple(x.shape[-2:])} must be divisible by {self.factor} "
+                f"slice size {x.shape[-2]} x {x.shape[-1]} must be divisible by {self.factor} "
                 "(2 ** (len(gen_channels) - 1)); change spatial_size or gen_channels"
             )
         out = self.unet(x)
