@@ -2,12 +2,15 @@
 
 ``medgen3d train`` and ``medgen3d evaluate`` only assemble and run the bundles' own
 ``python -m monai.bundle run`` command (printed first), so the bundles stay the source of
-truth.
+truth. Stopping the command (Ctrl-C, ``kill``) stops that child too; a data error in it ends
+both with ``error: FILE: ...`` and status 2 (the bundle configs call
+``common.core.errors.report_data_errors``).
 """
 
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,10 +77,37 @@ def run_stage(
         raise DataError(name, "unknown stage", f"use one of {', '.join(stages)}")
     cmd = bundle_command(stages[name], scale, dataset, overrides)
     print("$ " + shlex.join(cmd), flush=True)
-    result = subprocess.run(cmd, check=False)
-    if result.returncode:
-        raise SystemExit(result.returncode)
+    status = run_child(cmd)
+    if status:
+        raise SystemExit(status)
     return f"{name}: done"
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run ``cmd`` and pass SIGINT, SIGTERM and SIGHUP on to it, so that stopping this process
+    stops the child (no orphan trainer); its exit status, 128 + N when signal N ended it.
+
+    The child runs in its own session (process group): a Ctrl-C reaches it once, through
+    this process.
+    """
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame):
+        if child is None:
+            raise SystemExit(128 + signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        child = subprocess.Popen(cmd, start_new_session=True)
+        status = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - status if status < 0 else status
 
 
 def train_overrides(name: str, out: str | None, overrides: dict) -> dict:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 
 import fire
 
-from common.core.errors import DataError
+from common.core.errors import DataError, find_data_error
 
 
 def demo_data(
@@ -104,12 +105,23 @@ def seg_study(
         out: output folder; finished stages are kept on a rerun.
         scale: the seg_downstream scale preset (tiny, demo, paper) or a YAML file.
         options: dataset (thorax, brain: its field of view), test_cases, val_cases,
-            synthetic_ratio, transfer, transfer_cases, seed, max_epochs, finetune_epochs
-            (default: the presets' values).
+            synthetic_ratio, transfer, transfer_cases, seed, max_epochs, finetune_epochs,
+            lr, finetune_lr (default: the presets' values); other bundle config keys go in
+            overrides, e.g. --overrides "{'val_interval': 1}".
     Returns the markdown tables.
     """
     from common.seg.study import seg_study as run_study
 
+    given = ("real", "synthetic", "networks", "regimes", "out", "scale")
+    known = [k for k in inspect.signature(run_study).parameters if k not in given]
+    for key in options:
+        if key not in known:
+            raise DataError(
+                f"--{key}",
+                "is not an option of seg-study",
+                f"use {', '.join('--' + k for k in known)}; a bundle config key goes in "
+                f"--overrides, e.g. --overrides \"{{'{key}': VALUE}}\"",
+            )
     return run_study(real, synthetic, networks, regimes, out, scale=scale, **options)
 
 
@@ -133,7 +145,8 @@ def generate(
         out: output folder: masks/, images/, images_sequence/ and datalist.json.
         seed: run seed; case k depends only on (seed, k).
         sampler: mask sampler, ddim or ddpm (default: the bundle config's, DDIM).
-        steps: mask sampling steps (default: the bundle config's; ddpm: up to 1000).
+        steps: mask sampling steps, 1 to 1000 with any sampler (DDPM/DDIM respaced to them;
+            default: the bundle config's).
         refine: run the three-view diffusion refiner (--norefine: sequence generator only).
         scale, dataset: the presets of weights trained with others than the shipped ones,
             e.g. --scale paper --dataset brain (default: the base configs, shipped weights).
@@ -244,8 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``medgen3d`` console command."""
     try:
         fire.Fire(COMMANDS, command=argv, name="medgen3d")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # a DataError, also under a bundle config's evaluation error
+        data_error = find_data_error(e)
+        if data_error is None:
+            raise
+        print(f"error: {data_error}", file=sys.stderr)
         raise SystemExit(2) from e
 
 

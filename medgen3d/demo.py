@@ -62,7 +62,7 @@ def shipped_weights(dataset: str) -> Weights:
     """The bundles' own ``models/`` (thorax demo weights); other datasets need ``--train``."""
     mask_ckpt = BUNDLES / "mask_diffusion" / "models" / "model.pt"
     image_models = BUNDLES / "image_synthesis" / "models"
-    needed = [mask_ckpt, image_models / "generator.pt"]
+    needed = [mask_ckpt, image_models / "model.pt"]
     needed += [image_models / f"refiner_{v}.pt" for v in VIEWS]
     missing = [str(p) for p in needed if not p.is_file()]
     if dataset != "thorax" or missing:
@@ -84,7 +84,7 @@ def train_generators(
     weights, else the final one.
     """
     data = {"dataset_dir": str(train_datalist.parent), "datalist": str(train_datalist)}
-    runs = [("masks", {}, "model")] + [("generator", {}, "generator")]
+    runs = [("masks", {}, "model"), ("generator", {}, "model")]
     runs += [("refiner", {"view": v}, f"refiner_{v}") for v in VIEWS]
     for stage, extra, name in runs:
         folder = models / TRAIN_STAGES[stage].bundle

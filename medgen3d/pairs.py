@@ -38,8 +38,9 @@ def generate_pairs(
     Case ``k`` uses ``case_seed(seed, k)`` for its mask and its refinement noise (recorded in
     the datalists), so a case can be remade alone; finished cases are kept on a rerun.
     Weights: ``mask_ckpt`` (MC-DPM state dict) and ``image_models`` (a folder with
-    ``generator.pt`` and ``refiner_<view>.pt``), by default the bundles' ``models/``, which
-    the base configs describe; ``scale`` and ``dataset`` name the presets of other weights.
+    ``model.pt``, the sequence generator, and ``refiner_<view>.pt``), by default the bundles'
+    ``models/``, which the base configs describe; ``scale`` and ``dataset`` name the presets
+    of other weights.
     Under ``torchrun --nproc_per_node=N -m medgen3d.cli generate`` the N ranks share the
     cases (one GPU each) and make the same volumes as one process.
     """

@@ -96,7 +96,7 @@ def test_seg_inference_validates_the_images_first(tmp_path):
 
 
 def test_mask_generation_refuses_another_bundles_checkpoint(tmp_path):
-    generator = BUNDLES / "image_synthesis" / "models" / "generator.pt"
+    generator = BUNDLES / "image_synthesis" / "models" / "model.pt"
     parser = _parser(
         "mask_diffusion/configs/inference.yaml",
         ckpt_path=str(generator),

@@ -55,3 +55,17 @@ def test_unknown_dataset_is_a_clear_error(capsys):
         main(["demo-data", "--dataset", "liver"])
     assert err.value.code == 2
     assert "unknown demo dataset" in capsys.readouterr().err
+
+
+def test_seg_study_takes_lr_and_refuses_a_bundle_key_with_a_message(tmp_path, capsys):
+    missing = tmp_path / "real.json"
+    with pytest.raises(SystemExit) as err:  # --lr is a study setting: no TypeError
+        main(["seg-study", "--real", str(missing), "--regimes", "E2-1", "--lr", "0.01"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {missing}: the datalist has problems:")
+    with pytest.raises(SystemExit) as err:
+        main(["seg-study", "--real", str(missing), "--val_interval", "2"])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: --val_interval: is not an option of seg-study. use ")
+    assert "--overrides \"{'val_interval': VALUE}\"" in message

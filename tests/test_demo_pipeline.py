@@ -52,7 +52,7 @@ def test_brain_demo_trains_every_generator_stage(tmp_path):
     check_report(out, 2)
     models = out / "models"
     assert (models / "mask_diffusion" / "models" / "model.pt").is_file()
-    for name in ("generator", "refiner_axial", "refiner_coronal", "refiner_sagittal"):
+    for name in ("model", "refiner_axial", "refiner_coronal", "refiner_sagittal"):
         assert (models / "image_synthesis" / "models" / f"{name}.pt").is_file()
     assert "brain_tissue" in (out / "synthetic" / "datalist.json").read_text()
 

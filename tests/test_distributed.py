@@ -112,7 +112,7 @@ def test_image_generator_trains_on_2_ranks(tiny_segthor_datalist, tmp_path):
         "gen_max_epochs": 2,
     }
     out = train_2_ranks("generator", values, tmp_path)
-    assert "val_psnr" in out and (root / "models" / "generator.pt").exists()
+    assert "val_psnr" in out and (root / "models" / "model.pt").exists()
     nets = ("generator", "image_discriminator", "temporal_discriminator")
     assert_trained_on_2_ranks(out, root, "resume_generator.pt", nets)
 

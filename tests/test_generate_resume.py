@@ -1,5 +1,6 @@
 """`medgen3d generate` killed mid-run: no partial file under a final name, and the rerun ends
-with exactly the files of an uninterrupted run (same seed, same checkpoint, CPU: bit for bit)."""
+with exactly the files of an uninterrupted run (same seed, same checkpoint, CPU: bit for bit),
+though its remaining cases run in another batch, and without the killed run's temporaries."""
 
 import gzip
 import json
@@ -14,8 +15,8 @@ from bundle_helpers import REPO
 
 
 def _command(out) -> list[str]:
-    """Two tiny pairs (the refiner's seeding is tested in test_refiner.py)."""
-    args = ["generate", "--n", "2", "--out", str(out), "--seed", "3", "--steps", "2", "--norefine"]
+    """Three pairs, masks from 2 sampling steps."""
+    args = ["generate", "--n", "3", "--out", str(out), "--seed", "3", "--steps", "2"]
     return [sys.executable, "-m", "medgen3d.cli", *args]
 
 
@@ -33,13 +34,14 @@ def test_killed_generation_finishes_like_an_uninterrupted_run(tmp_path):
     quiet = {"cwd": REPO, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     straight = subprocess.Popen(_command(tmp_path / "a"), **quiet)
     killed = subprocess.Popen(_command(tmp_path / "b"), **quiet)
+    first_image = tmp_path / "b" / "images" / "mask_0000.nii.gz"
     deadline = time.time() + 240
-    while not _finals(tmp_path / "b") and killed.poll() is None and time.time() < deadline:
+    while not first_image.exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     killed.kill()
     killed.wait()
     partial = _finals(tmp_path / "b")
-    assert partial and "datalist.json" not in partial, "killed too late to test a resume"
+    assert "images/mask_0002.nii.gz" not in partial, "killed too late to test a resume"
     for name in partial:  # every visible file is complete
         path = tmp_path / "b" / name
         if name.endswith(".nii.gz"):
@@ -50,7 +52,8 @@ def test_killed_generation_finishes_like_an_uninterrupted_run(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert straight.wait(timeout=300) == 0
     names = _finals(tmp_path / "a")
-    assert names == _finals(tmp_path / "b") and len(names) == 8
+    assert names == _finals(tmp_path / "b") and len(names) == 11
+    assert not [p for p in (tmp_path / "b").rglob(".*")]  # no temporary left behind
     for name in names:
         a, b = (tmp_path / r / name for r in "ab")
         if name.endswith(".json"):

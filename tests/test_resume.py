@@ -1,5 +1,6 @@
 """Each bundle's training, stopped after an epoch and rerun, ends with the same weights as an
-uninterrupted run (CPU): model, optimizer, scheduler, iteration and every RNG are restored."""
+uninterrupted run (CPU): model, optimizer, scheduler, iteration and every RNG are restored;
+the best checkpoint and the best score survive the stop."""
 
 import pytest
 import torch
@@ -60,3 +61,49 @@ def test_stopped_training_resumes_to_the_same_weights(name, tiny_segthor_datalis
     assert any(not torch.equal(stopped[k], resumed[k]) for k in straight)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+# each training's best file and its validation metric (key, whether higher is better)
+BEST = {
+    "masks": ("model_best.pt", "val_loss", False),
+    "generator": ("model_best.pt", "val_psnr", True),
+    "refiner": ("refiner_axial_best.pt", "val_loss", False),
+    "seg": ("model.pt", "val_mean_dice", True),
+}
+TRAININGS = {
+    "masks": ("mask_diffusion", ["inference.yaml", "train.yaml"], "network", {"max_epochs": 3}),
+    **CASES,
+}
+# validation losses after each epoch (0: the generator's validation before training): the best
+# is epoch 2, epoch 3 is worse (the issue: best 0.3328 at epoch 6, 0.4278 after a resume)
+LOSSES = {0: 1.0, 1: 0.5, 2: 0.3328, 3: 0.4278}
+
+
+@pytest.mark.parametrize("name", TRAININGS)
+def test_resumed_training_keeps_the_best_checkpoint(name, tiny_segthor_datalist, tmp_path):
+    bundle, stages, network, values = TRAININGS[name]
+    best_name, metric, higher = BEST[name]
+    values = {**values, "dataset_dir": str(tiny_segthor_datalist.parent)}
+    values["bundle_root"] = str(tmp_path)
+    best = tmp_path / "models" / best_name
+    for stop_after in (2, 0):  # stopped after epoch 2 (the best), then resumed to epoch 3
+        parser = bundle_parser(BUNDLES / bundle, stages, "tiny", "thorax", values)
+        parser["imports"] = [*parser["imports"], "$import ignite"]
+        training = parser["training"]
+        if stop_after:
+            event = f"ignite.engine.Events.EPOCH_COMPLETED(once={stop_after})"
+            stop = f"$@train#trainer.add_event_handler({event}, @train#trainer.terminate)"
+            training = [*training[:-1], stop, training[-1]]
+        parser["training"] = training
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        scores = {k: 1 - v if higher else v for k, v in LOSSES.items()}
+        scripted = parser.get_parsed_content(f"validate#evaluator#key_val_metric#{metric}")
+        scripted.compute = lambda: scores[trainer.state.epoch]  # noqa: B023
+        parser.get_parsed_content("training")
+        if stop_after:
+            epoch_2 = torch.load(best, weights_only=True)
+    resumed = torch.load(best, weights_only=True)
+    assert all(torch.equal(epoch_2[k], resumed[k]) for k in epoch_2), "best is not epoch 2"
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    assert (evaluator.state.best_metric_epoch, evaluator.state.best_metric) == (2, scores[2])

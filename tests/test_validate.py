@@ -279,3 +279,32 @@ def test_all_problems_reported(tmp_path):
     assert lines[0] == "2 of 3 cases have problems:"
     assert lines[1].startswith(f"  [training[1] (nan)] {cases[1]['image']}: contains 1 NaN/inf")
     assert len(lines) == 4
+
+
+@pytest.mark.parametrize("pixdim", [(2.0, 2.0, 5.0), (1.5, 0.7, 2.5), (0.5, 0.45, 1.0)])
+def test_the_memory_guard_predicts_the_resampled_grid(smooth_ct_pair, pixdim):
+    """The shape the guard computes from the header is what MONAI's Orientation + Spacing make
+    (a flipped, anisotropic affine); a volume over budget once resampled is refused."""
+    from monai.transforms import Compose, LoadImaged, Orientationd, Spacingd
+
+    from common.data.validate import _resampled_shape, _spacing
+
+    path = Path(smooth_ct_pair["image"])
+    img = nib.load(path)
+    predicted = _resampled_shape(img.shape, img.affine, _spacing(path, img), pixdim)
+    chain = Compose(
+        [
+            LoadImaged("image", ensure_channel_first=True, image_only=True),
+            Orientationd("image", axcodes="RAS", labels=None),
+            Spacingd("image", pixdim=pixdim),
+        ]
+    )
+    assert predicted == tuple(chain({"image": str(path)})["image"].shape[1:])
+    budget = max(int(np.prod(predicted)), int(np.prod(img.shape)))
+    label = smooth_ct_pair["label"]
+    assert validate_case(path, label, None, max_voxels=budget, pixdim=pixdim) == []
+    if budget > np.prod(img.shape):  # upsampled: the resampled grid is what overflows
+        problems = validate_case(path, label, None, max_voxels=budget - 1, pixdim=pixdim)
+        assert str(problems[0]).startswith(
+            f"{path}: would have {budget} voxels (shape {predicted}) after resampling to "
+        )

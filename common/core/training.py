@@ -1,20 +1,28 @@
-"""Training safety shared by the bundles: resume after a kill, stop on a non-finite loss."""
+"""Training safety shared by the bundles: resume after a kill with the best score kept,
+checkpoints written atomically, one training per checkpoint set, stop on a non-finite loss."""
 
 from __future__ import annotations
 
 import logging
 import random
+import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointSaver
 from monai.transforms import Compose, Randomizable
 from torch import nn
 
-from common.core.io import atomic_path
+from common.core.errors import DataError
+from common.core.io import atomic_path, remove_temporaries
+from common.core.lock import claim, release
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +106,103 @@ def _checkpointable(obj):
     return obj
 
 
+def _first_line(err: BaseException) -> str:
+    """``Type: the first sentence of the message`` (with its next line after a colon)."""
+    lines = [line.strip() for line in str(err).strip().splitlines()] or [""]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    first = re.split(r"\.\s+(?=[A-Z])", text)[0].rstrip(".")  # up to a new sentence
+    return f"{type(err).__name__}: {first}"
+
+
+def save_checkpoint(state: Mapping, path: Path) -> None:
+    """``torch.save(state)`` to ``path`` through a temporary file (see ``atomic_path``), after
+    deleting the temporaries of ``path`` a killed run left. A failed write raises DataError
+    naming ``path`` (torch reports a full disk as a RuntimeError, "unexpected pos ...")."""
+    remove_temporaries(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except RuntimeError as e:
+        free = shutil.disk_usage(path.parent).free / 2**20
+        problem = f"could not be written ({_first_line(e)}; {free:.0f} MB free on its disk)"
+        fix = "free disk space or choose another output folder, then rerun: training resumes"
+        raise DataError(str(path), problem, fix) from e
+
+
+class _AtomicSaver(BaseSaveHandler):
+    """Rank 0 writes each checkpoint with :func:`save_checkpoint`.
+
+    With a fixed ``filename`` the old file is replaced by the rename, never removed first
+    (ignite removes the previous best before it saves the new one).
+    """
+
+    def __init__(self, dirname: str | Path, filename: str | None = None):
+        self.dirname, self.filename = Path(dirname), filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None):
+        if idist.get_rank() == 0:
+            save_checkpoint(checkpoint, self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None and idist.get_rank() == 0:
+            (self.dirname / filename).unlink(missing_ok=True)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) with atomic writes: a kill or a full disk
+    leaves the previous complete file, never a partial one (MONAI 1.6 writes in place).
+
+    Its state (``state_dict``/``load_state_dict``, for :class:`ResumeCheckpoint`) is the best
+    score so far: the key-metric file's and the evaluator's ``best_metric``, so a resumed run
+    replaces the best file, and logs a new best, only for a better score.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs):
+        super().__init__(save_dir, save_dict, **kwargs)
+        self.engine: Engine | None = None
+        for ckpt in (
+            self._final_checkpoint,
+            self._key_metric_checkpoint,
+            self._interval_checkpoint,
+        ):
+            if ckpt is not None:
+                ckpt.save_handler = _AtomicSaver(save_dir, ckpt.save_handler.filename)
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        state = self.engine.state
+        return {
+            "checkpoint": self._key_metric_checkpoint.state_dict(),
+            "best_metric": state.best_metric,
+            "best_metric_epoch": state.best_metric_epoch,
+        }
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        super().load_state_dict(state_dict["checkpoint"])
+        self.engine.state.best_metric = state_dict["best_metric"]
+        self.engine.state.best_metric_epoch = state_dict["best_metric_epoch"]
+
+
+_RESTORED_AT_START = (Engine, GlobalRNG, GeneratorRNG, TransformRNG)
+
+
 class ResumeCheckpoint:
-    """Save ``objects`` to ``ckpt_dir/name`` after every epoch; load it at start.
+    """Save ``objects`` to ``ckpt_dir/name`` after every epoch; load it before the run.
 
     ``objects`` maps names to things with ``state_dict``/``load_state_dict`` (network,
-    optimizer, LR scheduler, prepare-batch, ...), to ``torch.Generator``s or to the training
-    ``Compose`` (its random transforms' states); the engine and the global RNG are added.
-    A killed run restarted with the same command continues from the last finished epoch
-    as if never stopped. The file is replaced atomically, so a kill never half-writes it.
+    optimizer, LR scheduler, prepare-batch, the best-checkpoint saver, ...), to
+    ``torch.Generator``s or to the training ``Compose`` (its random transforms' states); the
+    engine and the global RNG are added. A killed run restarted with the same command
+    continues from the last finished epoch as if never stopped, with its best score. The file
+    is replaced atomically, so a kill never half-writes it.
+
+    Weights, optimiser and best score are loaded by :meth:`attach`, before anything runs (a
+    validation at start sees them); the engine and the random states when the run starts.
+    From creation until the run completes it holds the lock ``ckpt_dir/name.lock``: a second
+    training into the same checkpoints is refused with a DataError naming this process.
     """
 
     def __init__(
@@ -116,27 +213,61 @@ class ResumeCheckpoint:
         name: str = "resume.pt",
     ):
         self.path = Path(ckpt_dir) / name
+        self.lock = self.path.with_name(f"{name}.lock")
+        claim(self.lock)
         self.objects = {k: _checkpointable(v) for k, v in objects.items()}
         self.resume = resume
+        self.state: dict | None = None
 
     def attach(self, engine: Engine) -> None:
         self.objects.update(engine=engine, rng=GlobalRNG())
+        if self.resume and self.path.exists():
+            self.state = self._read()
+            self._load(lambda obj: not isinstance(obj, _RESTORED_AT_START))
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.COMPLETED, self.release)
+
+    def _problem(self, problem: str) -> DataError:
+        fix = "delete it, or set resume to false (--resume false), to train from the start"
+        return DataError(str(self.path), problem, fix)
+
+    def _read(self) -> dict:
+        """The resume file's state; DataError when unreadable or written by another training."""
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise self._problem(f"cannot be read as a resume checkpoint ({_first_line(e)})") from e
+        if not isinstance(state, dict):
+            raise self._problem(f"is not a resume checkpoint (it holds a {type(state).__name__})")
+        missing = sorted(set(self.objects) - set(state))
+        if missing:
+            raise self._problem(f"has no state for {missing}: written by another training")
+        return state
+
+    def _load(self, which) -> None:
+        for name, obj in self.objects.items():
+            if which(obj):
+                try:
+                    Checkpoint.load_objects(to_load={name: obj}, checkpoint=self.state)
+                except Exception as e:
+                    problem = f"does not fit this training's {name} ({_first_line(e)})"
+                    raise self._problem(problem) from e
 
     def load(self, engine: Engine) -> None:
-        if not (self.resume and self.path.exists()):
+        if self.state is None:
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=self.objects, checkpoint=state)
+        self._load(lambda obj: isinstance(obj, _RESTORED_AT_START))
         engine.state.max_epochs = max_epochs
         logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}")
 
     def save(self, engine: Engine) -> None:
-        state = {k: v.state_dict() for k, v in self.objects.items()}
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        save_checkpoint({k: v.state_dict() for k, v in self.objects.items()}, self.path)
+
+    def release(self, engine: Engine | None = None) -> None:
+        """Free the checkpoints for another training (after the final checkpoint is saved)."""
+        release(self.lock)
 
 
 def require_finite(loss: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,10 @@ def read_datalist(path: str | Path) -> dict:
             str(path), f"no {'/'.join(SECTIONS)} section", "write it with medgen3d import-dataset"
         )
     for section in SECTIONS:
-        for i, case in enumerate(doc.get(section, [])):
+        cases = doc.get(section, [])
+        if not isinstance(cases, list):
+            raise DataError(str(path), f"{section!r} is not a list", "make it a list of cases")
+        for i, case in enumerate(cases):
             if not isinstance(case, dict):
                 raise DataError(
                     str(path),
@@ -65,6 +68,12 @@ def read_datalist(path: str | Path) -> dict:
                     'use {"image": ..., "label": ...}',
                 )
             for key in PATH_KEYS:
+                if case.get(key) and not isinstance(case[key], str):
+                    raise DataError(
+                        str(path),
+                        f"{section}[{i}]'s {key!r} is not a path",
+                        f'give it "{key}": "path/to/file"',
+                    )
                 if case.get(key):
                     case[key] = os.path.normpath(path.parent / case[key])
     return doc
@@ -72,13 +81,19 @@ def read_datalist(path: str | Path) -> dict:
 
 def datalist_label_set(doc: dict, path: str | Path = "datalist") -> LabelSet:
     """The label set a datalist declares (its ``labels`` block)."""
+    example = '{"labels": {"0": "background", "1": "heart", ...}}'
     if "labels" not in doc:
+        raise DataError(str(path), "declares no 'labels'", f"add {example}")
+    labels = doc["labels"]
+    if not isinstance(labels, dict):
         raise DataError(
-            str(path), "declares no 'labels'", 'add {"labels": {"0": "background", ...}}'
+            str(path),
+            f"'labels' is a {type(labels).__name__}, not an object of value: name",
+            f"write it as {example}",
         )
     try:
         return LabelSet.from_dict(doc)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(
             str(path), f"invalid 'labels' block ({e})", "see common/data/label_sets/"
         ) from e
@@ -91,6 +106,6 @@ def datalist_modality(doc: dict, path: str | Path = "datalist") -> str:
         raise DataError(
             str(path),
             f"modality {modality!r} unknown",
-            f'set "modality": {{"0": "CT"}} ({MODALITIES})',
+            'set "modality": ' + " or ".join(f'{{"0": "{m}"}}' for m in MODALITIES),
         )
     return modality

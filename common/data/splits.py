@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from common.core.errors import DataError
@@ -15,16 +16,18 @@ def load_split(
     val_cases: int = 1,
     validate: bool = True,
     max_voxels: int = MAX_VOXELS,
+    pixdim: Sequence[float] | None = None,
 ) -> dict[str, list[dict]]:
     """``{"train": [...], "val": [...]}`` cases (absolute paths) of a datalist.
 
     Validation cases come from the datalist's ``validation`` section, else the last
     ``val_cases`` training cases. With ``validate`` every case is checked first (the same
     checks as ``medgen3d validate``) so a bad case stops training at once, not after an hour;
-    a volume over ``max_voxels`` (the memory budget) is refused from its header alone.
+    a volume over ``max_voxels`` (the memory budget), as stored or once resampled to
+    ``pixdim`` (mm), is refused from its header alone.
     """
     if validate:
-        require_valid(datalist, max_voxels)
+        require_valid(datalist, max_voxels, pixdim)
     doc = read_datalist(datalist)
     label_set = datalist_label_set(doc, datalist)
     if label_set.num_classes != num_classes:

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from common.core.errors import DataError
-from common.core.io import load_volume, read_json
+from common.core.io import check_file, load_volume, read_json
 from common.data.datalists import SECTIONS, datalist_label_set, datalist_modality
 from common.data.labels import LabelSet
 
 MAX_VOXELS = 512**3
 MAX_SHOWN = 20  # values listed in one message
+# plausible voxel size (mm) per axis: clinical CT/MRI lie within 0.2-10 mm; a model-grid
+# volume of the tiny test preset has 27 mm slices. Outside: a header error (e.g. cm for mm).
+SPACING_MM = (0.2, 30.0)
 
 
 def _shape3(img: nib.spatialimages.SpatialImage) -> tuple[int, ...]:
@@ -36,8 +39,44 @@ def _show(values) -> str:
     return f"{values[:MAX_SHOWN]}{more}"
 
 
-def _open(path: Path, max_voxels: int) -> nib.spatialimages.SpatialImage:
-    """Open ``path`` and check its header only: readable, 3D, at most ``max_voxels``."""
+def _spacing(path: Path, img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Voxel size (mm) along the file's axes, from the affine; DataError if the affine is not
+    finite, degenerate or the spacing outside ``SPACING_MM``."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    fix = "fix the voxel size in the header (pixdim, qform/sform), e.g. re-export the scan"
+    if not np.isfinite(affine).all():
+        raise DataError(str(path), "affine (voxel-to-world matrix) is not finite (NaN/inf)", fix)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    shown = "(" + ", ".join(f"{v:g}" for v in spacing) + ") mm"
+    if (spacing == 0).any() or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * spacing.prod():
+        raise DataError(
+            str(path), f"voxel spacing {shown} is zero or the affine is degenerate", fix
+        )
+    lo, hi = SPACING_MM
+    if not ((lo <= spacing) & (spacing <= hi)).all():
+        raise DataError(
+            str(path), f"voxel spacing {shown} is implausible (expected {lo:g} to {hi:g} mm)", fix
+        )
+    return spacing
+
+
+def _resampled_shape(
+    shape: Sequence[int], affine: np.ndarray, spacing: np.ndarray, pixdim: Sequence[float]
+) -> tuple[int, int, int]:
+    """Shape ``(H, W, D)`` of a volume after orienting to RAS and resampling to ``pixdim``
+    (mm, RAS order), as MONAI's ``Spacing`` computes it."""
+    axes = nib.io_orientation(affine)[:, 0].astype(int)  # file axis i -> RAS axis axes[i]
+    out = [1, 1, 1]
+    for i, (n, s) in enumerate(zip(shape, spacing)):
+        out[axes[i]] = int(np.round((n - 1) * s / float(pixdim[axes[i]]) + 1.0))
+    return tuple(out)
+
+
+def _open(
+    path: Path, max_voxels: int, pixdim: Sequence[float] | None = None
+) -> nib.spatialimages.SpatialImage:
+    """Open ``path`` and check its header only: readable, 3D, a plausible voxel size, at most
+    ``max_voxels`` as stored and, given the resampling voxel size ``pixdim``, after resampling."""
     img = load_volume(path)
     shape = _shape3(img)
     if len(shape) != 3:
@@ -46,12 +85,23 @@ def _open(path: Path, max_voxels: int) -> nib.spatialimages.SpatialImage:
             f"is {len(shape)}D with shape {shape}, not a 3D volume",
             "export one 3D volume per file (a single channel and time point)",
         )
+    spacing = _spacing(path, img)
     if math.prod(shape) > max_voxels:
         raise DataError(
             str(path),
             f"has {math.prod(shape)} voxels (shape {shape}), more than max_voxels={max_voxels}",
             "crop or resample it, or raise max_voxels",
         )
+    if pixdim is not None:
+        grid = _resampled_shape(shape, img.affine, spacing, pixdim)
+        if math.prod(grid) > max_voxels:
+            target = "(" + ", ".join(f"{float(v):g}" for v in pixdim) + ") mm"
+            raise DataError(
+                str(path),
+                f"would have {math.prod(grid)} voxels (shape {grid}) after resampling to "
+                f"{target}, more than max_voxels={max_voxels}",
+                "check its voxel size, crop it, or raise max_voxels",
+            )
     return img
 
 
@@ -161,19 +211,21 @@ def validate_case(
     label_set: LabelSet | None,
     affine_tol: float = 1e-3,
     max_voxels: int = MAX_VOXELS,
+    pixdim: Sequence[float] | None = None,
 ) -> list[DataError]:
     """Every problem of one image/label pair; each volume is read once, headers first.
 
     ``label_set`` None skips the label-value check (only all-zero labels are reported);
-    ``image_path`` None checks a mask alone (a mask-only datalist).
+    ``image_path`` None checks a mask alone (a mask-only datalist). ``pixdim``: the voxel
+    size (mm) the volumes are resampled to, so ``max_voxels`` applies after resampling too.
     """
     label_path = Path(label_path)
     problems: list[DataError] = []
     image = None
     if image_path is not None:
         image_path = Path(image_path)
-        image = _collect(problems, _open, image_path, max_voxels)
-    label = _collect(problems, _open, label_path, max_voxels)
+        image = _collect(problems, _open, image_path, max_voxels, pixdim)
+    label = _collect(problems, _open, label_path, max_voxels, pixdim)
     if image is not None and label is not None:
         problems += _geometry(image_path, label_path, image, label, affine_tol)
     if image is not None:
@@ -210,7 +262,8 @@ def _resolve(value, key: str, where: str, datalist: Path) -> Path:
             "but paths are relative to the datalist's folder",
             f"write the path relative to {datalist.parent} or make it absolute",
         )
-    raise DataError(str(path), "file not found", f"check {where}'s {key!r} path in {datalist}")
+    check_file(path, f"check {where}'s {key!r} path in {datalist}")  # a link loop? missing?
+    return path
 
 
 def _entries(doc: dict, path: Path) -> list[tuple[str, object]]:
@@ -237,6 +290,7 @@ def _validate_entry(
     label_set: LabelSet | None,
     affine_tol: float,
     max_voxels: int,
+    pixdim: Sequence[float] | None,
     masks_only: bool = False,
 ) -> list[DataError]:
     if not isinstance(entry, dict):
@@ -249,16 +303,20 @@ def _validate_entry(
         image = _collect(problems, _resolve, entry.get("image"), "image", where, path)
     label = _collect(problems, _resolve, entry.get("label"), "label", where, path)
     if (image is not None or masks_only) and label is not None:
-        problems += validate_case(image, label, label_set, affine_tol, max_voxels)
+        problems += validate_case(image, label, label_set, affine_tol, max_voxels, pixdim)
     return problems
 
 
 def validate_datalist(
-    path: str | Path, affine_tol: float = 1e-3, max_voxels: int = MAX_VOXELS
+    path: str | Path,
+    affine_tol: float = 1e-3,
+    max_voxels: int = MAX_VOXELS,
+    pixdim: Sequence[float] | None = None,
 ) -> list[DataError]:
     """Every problem of a datalist and the volumes it lists (empty: valid). Reads only.
 
     A datalist with ``"masks_only": true`` (generated masks) lists labels without images.
+    ``pixdim``: the resampling voxel size (mm); ``max_voxels`` then applies after it too.
     """
     path = Path(path).absolute()
     try:
@@ -266,7 +324,8 @@ def validate_datalist(
     except DataError as e:
         return [e]
     if not isinstance(doc, dict):
-        return [DataError(str(path), "is not a JSON object", "see common/datalist.py")]
+        fix = 'write {"labels": {...}, "modality": {...}, "training": [...]} (README, Data)'
+        return [DataError(str(path), "is not a JSON object", fix)]
     problems: list[DataError] = []
     label_set = _collect(problems, datalist_label_set, doc, path)
     _collect(problems, datalist_modality, doc, path)
@@ -276,7 +335,7 @@ def validate_datalist(
             f"{where} ({entry['case']})" if isinstance(entry, dict) and "case" in entry else where
         )
         for problem in _validate_entry(
-            where, entry, path, label_set, affine_tol, max_voxels, masks_only
+            where, entry, path, label_set, affine_tol, max_voxels, pixdim, masks_only
         ):
             problem.case = case
             problems.append(problem)
@@ -304,10 +363,13 @@ def format_report(problems: list[DataError], n_cases: int) -> str:
     return "\n".join([head, *lines])
 
 
-def require_valid(path: str | Path, max_voxels: int = MAX_VOXELS) -> None:
+def require_valid(
+    path: str | Path, max_voxels: int = MAX_VOXELS, pixdim: Sequence[float] | None = None
+) -> None:
     """Raise one DataError listing every problem of a datalist (``medgen3d validate``'s
-    checks); training and studies call it first so a bad case stops them at once."""
-    problems = validate_datalist(path, max_voxels=max_voxels)
+    checks); training and studies call it first so a bad case stops them at once.
+    ``pixdim``: the voxel size (mm) training resamples to (``max_voxels`` after resampling)."""
+    problems = validate_datalist(path, max_voxels=max_voxels, pixdim=pixdim)
     if problems:
         report = format_report(problems, count_cases(path))
         raise DataError(str(path), report, "fix the cases listed above")

@@ -9,6 +9,7 @@ generator alone, for comparison), plus a paired ``datalist.json``. Reruns skip f
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.core.distributed import rank0_writes, shard
-from common.core.io import save_nifti
+from common.core.io import read_record, remake_reason, remove_temporaries, save_nifti
 from common.core.seeds import case_seed
 from common.data.datalists import (
     datalist_label_set,
@@ -73,7 +74,6 @@ def synthesize_images(
     output_dir: str | Path,
     value_range: Sequence[float],
     seed: int = 0,
-    batch_size: int = 4,
 ) -> Path:
     """Images for every mask of ``mask_datalist`` from ``pipeline``; returns
     ``output_dir/datalist.json``.
@@ -83,11 +83,14 @@ def synthesize_images(
             guidance, steps) are recorded in the datalist.
         value_range: model [-1, 1] maps back to this range (CT: the HU window).
         seed: a case without a recorded ``seed`` uses ``case_seed(seed, k)``.
-        batch_size: volumes per pipeline call (the result does not depend on it).
 
-    The masks are expected valid (``medgen3d validate``; the bundle config checks them before
-    any network loads). Under torchrun each rank makes its share of the cases
-    (``common.core.distributed.shard``); rank 0 writes the datalist once every rank finished.
+    Each case is made alone and written at once. Its two files and its datalist entry record
+    how it was made (``settings``: seed, the pipeline's settings and weights, the mask's
+    voxels and its own record); a rerun keeps the cases made with the same settings and
+    remakes the others (a killed run's hidden temporaries are deleted). The masks are expected
+    valid (``medgen3d validate``; the bundle config checks them before any network loads).
+    Under torchrun each rank makes its share of the cases (``common.core.distributed.shard``);
+    rank 0 writes the datalist once every rank finished.
     """
     doc = read_datalist(mask_datalist)
     label_set, modality = (
@@ -95,6 +98,7 @@ def synthesize_images(
         datalist_modality(doc, mask_datalist),
     )
     out = Path(output_dir)
+    settings = {**pipeline.settings, "value_range": [float(v) for v in value_range]}
     cases = []
     for k, case in enumerate(doc["training"]):
         name = case.get("case", Path(case["label"]).name.split(".")[0])
@@ -107,17 +111,30 @@ def synthesize_images(
                 "seed": int(case.get("seed", case_seed(seed, k))),
             }
         )
-    todo = [c for c in shard(cases) if not Path(c["image"]).exists()]  # this rank's share
-    for start in tqdm(range(0, len(todo), batch_size), desc="image volumes", disable=not todo):
-        batch = todo[start : start + batch_size]
-        labels = [nib.load(c["label"]) for c in batch]
-        onehot = _one_hot([np.asarray(img.dataobj) for img in labels], label_set.num_classes)
-        rough, final = pipeline(onehot, [c["seed"] for c in batch])
-        for case, img, r, f in zip(batch, labels, rough.cpu(), final.cpu()):
-            for key, volume in (("image_sequence", r), ("image", f)):
-                hu = to_original_intensity(volume[0], *value_range).numpy().astype(np.float32)
-                save_nifti(hu, img.affine, case[key])
+    for case in cases:  # every rank: rank 0 writes every case's settings to the datalist
+        mask = nib.load(case["label"])
+        case["settings"] = {
+            "seed": case["seed"],
+            **settings,
+            "mask": {"sha256": _digest(mask), "settings": read_record(case["label"])},
+        }
+    for case in tqdm(shard(cases), desc="image volumes"):  # this rank's share
+        files = [case["image_sequence"], case["image"]]
+        for path in files:
+            remove_temporaries(path)
+        why = [remake_reason(path, case["settings"]) for path in files]
+        if not any(why):
+            continue
+        if "missing" not in why:
+            print(f"{case['image']}: made with other settings ({why[-1]}); remaking it")
+        mask = nib.load(case["label"])
+        onehot = _one_hot([np.asarray(mask.dataobj)], label_set.num_classes)
+        rough, final = pipeline(onehot, [case["seed"]])
+        for path, volume in zip(files, (rough[0], final[0])):
+            hu = to_original_intensity(volume[0].cpu(), *value_range).numpy().astype(np.float32)
+            save_nifti(hu, mask.affine, path, record=case["settings"])
     path = (out / "datalist.json").absolute()
+    remove_temporaries(path)
     rank0_writes(
         lambda: write_datalist(
             path,
@@ -132,6 +149,15 @@ def synthesize_images(
         )
     )
     return path
+
+
+def _digest(mask: nib.Nifti1Image) -> str:
+    """SHA-256 (first 16 hex digits) of a mask's voxels, their type and shape and its affine."""
+    labels = np.ascontiguousarray(np.asarray(mask.dataobj))
+    digest = hashlib.sha256(f"{labels.dtype}:{labels.shape}".encode())
+    digest.update(labels.tobytes())
+    digest.update(np.asarray(mask.affine, dtype=np.float64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _one_hot(labels: list[np.ndarray], num_classes: int) -> torch.Tensor:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.networks.schedulers import Scheduler
 from torch import nn
 
-from common.core.io import load_weights
+from common.core.io import load_weights, weights_fingerprint
+from common.core.seeds import case_seed
 from common.images.refiner import VIEWS, load_view_models, refine_volume
 from common.images.sequence_generator import generate_volume
 
@@ -30,8 +32,9 @@ class ImagePipeline:
 
     ``pipeline(onehot, seeds)``: one-hot {0, 1} masks ``(B, K, H, W, D)`` and one seed per
     volume (or an int, see ``refine_volume``) -> ``(sequence_only, refined)``, both
-    ``(B, 1, H, W, D)`` in [-1, 1] on the generator's device. A volume's result depends on
-    its mask and seed alone, not on the other volumes of the batch or on ``slice_batch``.
+    ``(B, 1, H, W, D)`` in [-1, 1] on the generator's device. The volumes run one at a time,
+    so a volume's result depends on its mask and seed alone: bit for bit not on the other
+    volumes of the batch, and beyond float rounding not on ``slice_batch``.
     """
 
     def __init__(
@@ -63,10 +66,10 @@ class ImagePipeline:
         device: str | torch.device = "cpu",
         **settings,
     ) -> ImagePipeline:
-        """The pipeline with ``ckpt_dir/generator.pt`` in ``generator`` and
+        """The pipeline with ``ckpt_dir/model.pt`` (the model zoo's name) in ``generator`` and
         ``ckpt_dir/refiner_<view>.pt`` in a copy of ``refiner`` per view (not read when
         ``refine`` is False), on ``device``; ``settings`` go to the constructor."""
-        generator = load_weights(generator, Path(ckpt_dir) / "generator.pt").to(device)
+        generator = load_weights(generator, Path(ckpt_dir) / "model.pt").to(device)
         refiners = load_view_models(refiner, ckpt_dir, views, device) if refine else {}
         return cls(generator, refiners, refine=refine, **settings)
 
@@ -74,10 +77,39 @@ class ImagePipeline:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
+    @property
+    def settings(self) -> dict:
+        """Everything besides the mask and the seed that an image depends on (JSON): the
+        refinement settings and a fingerprint of each network's weights."""
+        out = {"refine": self.refine, "generator": weights_fingerprint(self.generator)}
+        if self.refine:
+            out |= {
+                "sampler": type(self.scheduler).__name__,
+                "steps": self.steps,
+                "t0": self.t0,
+                "guidance": self.guidance,
+                "bf16": self.bf16,
+                "refiners": {v: weights_fingerprint(n) for v, n in self.refiners.items()},
+            }
+        return out
+
     @torch.inference_mode()
     def __call__(
         self, onehot: torch.Tensor, seeds: int | Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        seeds = (
+            [case_seed(int(seeds), b) for b in range(len(onehot))] if np.ndim(seeds) == 0 else seeds
+        )
+        if len(seeds) != len(onehot):
+            raise ValueError(f"got {len(seeds)} seeds for {len(onehot)} volumes")
+        # one volume at a time: batched convolutions round differently from single ones
+        rough, refined = zip(*(self._one(m[None], int(s)) for m, s in zip(onehot, seeds)))
+        rough = torch.cat(rough)
+        return (rough, rough) if not self.refine else (rough, torch.cat(refined))
+
+    def _one(self, onehot: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One volume: ``onehot (1, K, H, W, D)`` -> ``(sequence_only, refined)``, each
+        ``(1, 1, H, W, D)``."""
         onehot = onehot.to(self.device)
         rough = generate_volume(self.generator, onehot)
         if not self.refine:
@@ -90,7 +122,7 @@ class ImagePipeline:
             self.t0,
             self.guidance,
             self.steps,
-            seeds,
+            [seed],
             self.slice_batch,
             bf16=self.bf16,
         )

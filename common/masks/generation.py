@@ -8,12 +8,29 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.core.distributed import rank0_writes, shard
-from common.core.io import save_nifti
+from common.core.io import remake_reason, remove_temporaries, save_nifti, weights_fingerprint
 from common.core.seeds import case_seed
 from common.data.datalists import write_datalist
 from common.data.labels import LabelSet
 from common.data.transforms import model_space_affine
 from common.masks.pipeline import MaskPipeline
+
+
+def mask_settings(pipeline: MaskPipeline, output_pixdim: Sequence[float]) -> dict:
+    """Everything besides the seed that a mask volume depends on (JSON)."""
+    return {
+        "sampler": type(pipeline.scheduler).__name__,
+        "steps": pipeline.steps,
+        "guidance": pipeline.guidance,
+        "eta": pipeline.eta,
+        "m": pipeline.m,
+        "n": pipeline.n,
+        "spatial_size": pipeline.spatial_size,
+        "keep_largest": pipeline.keep_largest,
+        "single_component": pipeline.single_component if pipeline.keep_largest else [],
+        "pixdim": [float(p) for p in output_pixdim],
+        "weights": weights_fingerprint(pipeline.network),
+    }
 
 
 def generate_mask_cases(
@@ -27,36 +44,44 @@ def generate_mask_cases(
 ) -> Path:
     """Generate ``num_cases`` label volumes ``(H, W, D)`` into ``output_dir/labels``.
 
-    Case ``k`` is seeded with ``case_seed(seed, k)`` (recorded in the datalist), so any
-    case can be remade alone. Existing case files are kept (a rerun finishes the rest);
-    files appear only when complete, ``pipeline.batch_size`` cases at a time. Under torchrun
-    each rank makes its share of the cases (``common.core.distributed.shard``); rank 0 writes
-    the datalist once every rank has finished. Voxel size ``output_pixdim`` (mm).
+    Case ``k`` is seeded with ``case_seed(seed, k)``. Each file records its settings (seed,
+    sampler, steps, guidance, ..., a fingerprint of the weights; ``common.core.io.read_record``)
+    and so does its datalist entry (``settings``). A rerun keeps the files made with the same
+    settings and remakes the others (a killed run's hidden temporaries are deleted); files
+    appear only when complete, ``pipeline.batch_size`` cases at a time. Under torchrun each
+    rank makes its share of the cases (``common.core.distributed.shard``); rank 0 writes the
+    datalist once every rank has finished. Voxel size ``output_pixdim`` (mm).
     Returns ``output_dir/datalist.json`` (``"masks_only": true``).
     """
     out = Path(output_dir)
     affine = model_space_affine(output_pixdim, pipeline.spatial_size)
     description = "labels: " + ",".join(f"{v} {n}" for v, n in enumerate(labels.names) if v)
-    cases = [
-        {
-            "label": str(out / "labels" / f"mask_{k:04d}.nii.gz"),
-            "case": f"mask_{k:04d}",
-            "seed": case_seed(seed, k),
-        }
-        for k in range(num_cases)
-    ]
-    todo = [c for c in shard(cases) if not Path(c["label"]).exists()]  # this rank's share
+    settings = mask_settings(pipeline, output_pixdim)
+    cases = []
+    for k in range(num_cases):
+        record = {"seed": case_seed(seed, k), **settings}
+        label = out / "labels" / f"mask_{k:04d}.nii.gz"
+        cases.append({"label": str(label), "case": label.name[:-7], "settings": record})
+    todo = []
+    for case in shard(cases):  # this rank's share
+        remove_temporaries(case["label"])
+        why = remake_reason(case["label"], case["settings"])
+        if why and why != "missing":
+            print(f"{case['label']}: made with other settings ({why}); remaking it")
+        todo += [case] if why else []
     step = pipeline.batch_size
     for start in tqdm(range(0, len(todo), step), desc="mask volumes", disable=not todo):
         batch = todo[start : start + step]
-        volumes = pipeline([c["seed"] for c in batch])
+        volumes = pipeline([c["settings"]["seed"] for c in batch])
         for case, volume in zip(batch, volumes):
-            save_nifti(volume.numpy().astype("uint8"), affine, case["label"], description)
+            label = volume.numpy().astype("uint8")
+            save_nifti(label, affine, case["label"], description, record=case["settings"])
     path = (out / "datalist.json").absolute()
+    remove_temporaries(path)
     rank0_writes(
         lambda: write_datalist(
             path,
-            cases,
+            [{**c, "seed": c["settings"]["seed"]} for c in cases],
             labels,
             modality,
             "generated_masks",
