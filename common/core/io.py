@@ -222,6 +222,16 @@ def weights_fingerprint(network: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _read_checkpoint(path: Path, fix: str):
+    """``torch.load(path, weights_only=True)`` on the CPU; a folder, a link loop, a broken
+    link or an unreadable file raises DataError naming ``path`` with ``fix``."""
+    check_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(str(path), f"cannot be read as a checkpoint ({e})", fix) from e
+
+
 def load_weights(network: torch.nn.Module, path: str | Path, key: str = "model") -> torch.nn.Module:
     """Load a state dict (plain, or under ``key``) into ``network`` with ``weights_only=True``.
 
@@ -233,13 +243,7 @@ def load_weights(network: torch.nn.Module, path: str | Path, key: str = "model")
         raise DataError(
             str(path), "checkpoint not found", "train the bundle first or set ckpt_path"
         )
-    check_file(path)  # a folder, a link loop or a broken link says so
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(
-            str(path), f"cannot be read as a checkpoint ({e})", "re-train or re-download"
-        ) from e
+    state = _read_checkpoint(path, "re-train or re-download")
     if isinstance(state, dict) and key in state and isinstance(state[key], dict):
         state = state[key]
     own = network.state_dict()
@@ -277,12 +281,7 @@ def start_from(network: torch.nn.Module, ckpt: str | Path = "") -> torch.nn.Modu
     path = Path(ckpt)
     if not path.is_file():
         raise DataError(str(path), "checkpoint to start from not found", "train that stage first")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(
-            str(path), f"cannot be read as a checkpoint ({e})", "re-train that stage"
-        ) from e
+    state = _read_checkpoint(path, "re-train that stage")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     _, loaded, fresh = copy_model_state(network, state)

@@ -111,14 +111,28 @@ def synthesize_images(
                 "seed": int(case.get("seed", case_seed(seed, k))),
             }
         )
-    for case in cases:  # every rank: rank 0 writes every case's settings to the datalist
+
+    def read_mask(case: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The case's mask ``(H, W, D)`` and affine; records the case's ``settings``."""
         mask = nib.load(case["label"])
+        labels = np.asarray(mask.dataobj)
         case["settings"] = {
             "seed": case["seed"],
             **settings,
-            "mask": {"sha256": _digest(mask), "settings": read_record(case["label"])},
+            "mask": {
+                "sha256": _digest(labels, mask.affine),
+                "settings": read_record(case["label"]),
+            },
         }
-    for case in tqdm(shard(cases), desc="image volumes"):  # this rank's share
+        return labels, mask.affine
+
+    mine = shard(cases)  # this rank's share; rank 0 writes every case's settings
+    own = {id(case) for case in mine}
+    for case in cases:
+        if id(case) not in own:
+            read_mask(case)
+    for case in tqdm(mine, desc="image volumes"):
+        labels, affine = read_mask(case)  # each mask is read once
         files = [case["image_sequence"], case["image"]]
         for path in files:
             remove_temporaries(path)
@@ -127,12 +141,11 @@ def synthesize_images(
             continue
         if "missing" not in why:
             print(f"{case['image']}: made with other settings ({why[-1]}); remaking it")
-        mask = nib.load(case["label"])
-        onehot = _one_hot([np.asarray(mask.dataobj)], label_set.num_classes)
+        onehot = _one_hot([labels], label_set.num_classes)
         rough, final = pipeline(onehot, [case["seed"]])
         for path, volume in zip(files, (rough[0], final[0])):
             hu = to_original_intensity(volume[0].cpu(), *value_range).numpy().astype(np.float32)
-            save_nifti(hu, mask.affine, path, record=case["settings"])
+            save_nifti(hu, affine, path, record=case["settings"])
     path = (out / "datalist.json").absolute()
     remove_temporaries(path)
     rank0_writes(
@@ -151,12 +164,12 @@ def synthesize_images(
     return path
 
 
-def _digest(mask: nib.Nifti1Image) -> str:
+def _digest(labels: np.ndarray, affine: np.ndarray) -> str:
     """SHA-256 (first 16 hex digits) of a mask's voxels, their type and shape and its affine."""
-    labels = np.ascontiguousarray(np.asarray(mask.dataobj))
+    labels = np.ascontiguousarray(labels)
     digest = hashlib.sha256(f"{labels.dtype}:{labels.shape}".encode())
     digest.update(labels.tobytes())
-    digest.update(np.asarray(mask.affine, dtype=np.float64).tobytes())
+    digest.update(np.asarray(affine, dtype=np.float64).tobytes())
     return digest.hexdigest()[:16]
 
 
