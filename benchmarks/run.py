@@ -190,13 +190,25 @@ def _cpu_bf16() -> str:
     return ", ".join(found) or "none"
 
 
+# the first section written by another benchmark command; it and all after it are kept
+OTHER_SECTIONS = "\n## Speed and memory savers"
+
+
+def kept_sections(results: Path) -> str:
+    """The sections of ``results`` that other benchmark commands wrote (kept on a rerun)."""
+    text = results.read_text() if results.is_file() else ""
+    start = text.find(OTHER_SECTIONS)
+    return "" if start < 0 else text[start:]
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     results = run(args)
     out = Path(args.out)
     text = report(results, args.train_iters)
+    kept = kept_sections(out)
     with atomic_path(out) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text + kept)
     print(text)
     return out
 

@@ -17,6 +17,7 @@ def demo_data(
     seed: int = 0,
     out: str | None = None,
     convention: str = "segthor",
+    heldout: int = 0,
 ) -> str:
     """Make a demo cohort (NIfTI pairs + datalist.json) that needs no download.
 
@@ -26,11 +27,18 @@ def demo_data(
         seed: cohort seed; case k depends only on (seed, k).
         out: output folder (default ``data/<dataset>_demo``).
         convention: thorax labels, ``segthor`` (4 organs) or ``structseg`` (6 organs).
+        heldout: also write train.json (the first cases - heldout cases) and heldout.json
+            (the last heldout); the shipped weights learned from train.json of 24 / 8.
     Returns the path of the datalist.
     """
+    from common.data.splits import split_datalist
     from medgen3d.demo_data import make_demo_cohort
 
-    return str(make_demo_cohort(dataset, out or f"data/{dataset}_demo", cases, seed, convention))
+    datalist = make_demo_cohort(dataset, out or f"data/{dataset}_demo", cases, seed, convention)
+    if heldout:
+        parts = (datalist.parent / "train.json", datalist.parent / "heldout.json")
+        split_datalist(datalist, cases - heldout, *parts)
+    return str(datalist)
 
 
 def import_dataset(
@@ -104,10 +112,14 @@ def seg_study(
             E2-4 synthetic then real, E2-5 real+synthetic then real, E3 transfer.
         out: output folder; finished stages are kept on a rerun.
         scale: the seg_downstream scale preset (tiny, demo, paper) or a YAML file.
-        options: dataset (thorax, brain: its field of view), test_cases, val_cases,
-            synthetic_ratio, transfer, transfer_cases, seed, max_epochs, finetune_epochs,
-            lr, finetune_lr (default: the presets' values); other bundle config keys go in
-            overrides, e.g. --overrides "{'val_interval': 1}".
+        options: dataset (thorax, brain: its field of view), test (a datalist of held-out
+            test cases, none of them in REAL; default: test_cases split off REAL), seeds
+            (training repeats: mean ± sd and 95% bootstrap intervals of the differences to
+            E2-1), val_cases, synthetic_ratio, transfer, transfer_cases, seed,
+            max_iterations, finetune_iterations (optimiser steps of a training / fine-tuning
+            stage, equal for every regime), max_epochs, finetune_epochs (used when
+            max_iterations is 0), lr, finetune_lr (default: the presets' values); other
+            bundle config keys go in overrides, e.g. --overrides "{'val_interval': 20}".
     Returns the markdown tables.
     """
     from common.seg.study import seg_study as run_study
@@ -134,6 +146,11 @@ def generate(
     refine: bool = True,
     scale: str | None = None,
     dataset: str | None = None,
+    depth: int | None = None,
+    extent_mm: float | None = None,
+    qc: bool = False,
+    real: str | None = None,
+    qc_retries: int = 3,
 ) -> str:
     """Paired synthetic volumes (mask + image NIfTI and a datalist) from the trained bundles.
 
@@ -150,12 +167,39 @@ def generate(
         refine: run the three-view diffusion refiner (--norefine: sequence generator only).
         scale, dataset: the presets of weights trained with others than the shipped ones,
             e.g. --scale paper --dataset brain (default: the base configs, shipped weights).
+        depth: axial slices per volume, any number >= the window m (default: the model
+            grid's depth); the z spacing stays the grid's, so the volume is longer in mm.
+        extent_mm: the axial length in mm instead (depth = extent_mm / z spacing, rounded).
+        qc: quality gate: check every pair against per-label intensity ranges learned from
+            the real cases of --real, regenerate a failing pair with a new seed, up to
+            --qc_retries times; OUT/qc.json lists every check and retry, a pair that still
+            fails stays, marked failed (common/images/qc.py says how the ranges are learned).
+        real: datalist of real cases for --qc (e.g. the generators' training cases).
+        qc_retries: rounds of regeneration for --qc.
     Returns the path of the paired datalist.
     """
-    from medgen3d.pairs import generate_pairs
+    from medgen3d.pairs import check_pairs, generate_pairs
 
+    if qc != (real is not None):
+        raise DataError("--qc/--real", "go together", "pass --qc --real REAL_DATALIST")
     start = time.time()
-    path = generate_pairs(n, out, seed, sampler, steps, refine=refine, scale=scale, dataset=dataset)
+    ranges = None
+    if qc:  # first, so that a bad --real stops before any generation
+        from common.images.qc import learn_ranges
+
+        ranges = learn_ranges(real)
+    options = dict(
+        sampler=sampler,
+        steps=steps,
+        refine=refine,
+        scale=scale,
+        dataset=dataset,
+        depth=depth,
+        extent_mm=extent_mm,
+    )
+    path = generate_pairs(n, out, seed, **options)
+    if qc:
+        check_pairs(path, ranges, qc_retries, seed, **options)
     return f"{path}\ntook {time.time() - start:.0f} s"
 
 
@@ -177,7 +221,9 @@ def demo(
             2 CPU cores for the thorax).
         n: synthetic pairs to generate.
         seed: cohort and generation seed.
-        options: cases, heldout, sampler, steps, epochs (generator training), seg_epochs.
+        options: cases, heldout, sampler, steps, epochs (generator training),
+            seg_iterations (optimiser steps of each segmentation training), seeds (default 3),
+            seg_regimes (default E2-1,E2-3).
     Returns the path of the report.
     """
     from medgen3d.demo import run_demo
@@ -216,13 +262,46 @@ def evaluate(stage: str, scale: str = "demo", dataset: str = "thorax", **overrid
 
     Args:
         stage: masks (--generated_datalist G --datalist REAL), images (--mask_datalist M;
-            after `export_real`) or seg (--ckpt_path C --datalist D with a test section).
+            after `export_real`) or seg (--ckpt_path C --datalist D with a test section;
+            --synthetic_datalist S refuses test cases that S's generators saw in training,
+            --allow_overlap True goes on knowingly).
         scale: tiny, demo, paper or a YAML file; dataset: thorax, brain or a YAML file.
         overrides: any config key of that bundle.
     """
     from medgen3d.bundles import EVALUATE_STAGES, run_stage
 
     return run_stage(EVALUATE_STAGES, stage, scale, dataset, overrides)
+
+
+def agreement(
+    segmenter: str,
+    synthetic: str,
+    real: str,
+    out: str = "outputs/agreement",
+    scale: str = "demo",
+    dataset: str | None = None,
+    network: str | None = None,
+) -> str:
+    """Mask-image agreement: a segmenter trained on real cases segments the synthetic images;
+    per label its Dice to the generated masks next to its Dice on held-out real cases, the
+    ratio, and the median intensity inside each label, synthetic vs real (HU for CT).
+    Writes OUT/agreement.json and OUT/agreement.md.
+
+    Args:
+        segmenter: a seg_downstream checkpoint trained on real cases (e.g. a seg-study's
+            unet3d/E2-1/models/model.pt).
+        synthetic: datalist of synthetic pairs (from `medgen3d generate`).
+        real: datalist of held-out real cases that neither the segmenter nor the generators saw.
+        out: output folder.
+        scale, dataset, network: the presets and network the segmenter was trained with
+            (default: demo, the base configs' field of view, the config's network).
+    Returns the table (markdown).
+    """
+    from common.seg.agreement import agreement as measure_agreement
+    from common.seg.agreement import markdown_table
+
+    result = measure_agreement(segmenter, synthetic, real, out, scale, dataset, network)
+    return f"{markdown_table(result)}\nwritten: {out}/agreement.md"
 
 
 def export(bundle: str, out: str = "outputs/export") -> str:
@@ -249,6 +328,7 @@ COMMANDS = {
     "generate": generate,
     "train": train,
     "evaluate": evaluate,
+    "agreement": agreement,
     "export": export,
 }
 

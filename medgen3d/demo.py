@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.core.errors import DataError
+from common.data.datalists import read_datalist
 from common.data.splits import split_datalist
 from common.data.validate import require_valid
 from common.images.generation import evaluate_synthesis, export_model_space
 from common.masks.metrics import evaluate_against_real
+from common.seg.agreement import agreement
 from medgen3d.bundles import BUNDLES, TRAIN_STAGES, bundle_config, run_stage, train_overrides
 from medgen3d.demo_data import make_demo_cohort
 from medgen3d.pairs import generate_pairs
@@ -75,9 +77,12 @@ def shipped_weights(dataset: str) -> Weights:
 
 
 def train_generators(
-    train_datalist: Path, dataset: str, models: Path, epochs: int | None = None
+    train_datalist: Path, dataset: str, models: Path, epochs: int | Mapping[str, int] | None = None
 ) -> Weights:
     """Train MC-DPM, the sequence generator and the three refiners on ``train_datalist``.
+
+    ``epochs``: one number for every stage, or per stage (``masks``, ``generator``,
+    ``refiner``); ``None`` keeps the presets'.
 
     Each stage is the bundle's own training run (``medgen3d train``); the checkpoint with the
     best validation loss (``*_best.pt``) is used when one was written, as for the shipped
@@ -89,8 +94,9 @@ def train_generators(
     for stage, extra, name in runs:
         folder = models / TRAIN_STAGES[stage].bundle
         overrides = {**data, **extra}
-        if epochs is not None:
-            overrides[EPOCH_KEYS[stage]] = epochs
+        stage_epochs = epochs.get(stage) if isinstance(epochs, Mapping) else epochs
+        if stage_epochs is not None:
+            overrides[EPOCH_KEYS[stage]] = stage_epochs
         overrides = train_overrides(stage, str(folder), overrides)
         run_stage(TRAIN_STAGES, stage, SCALE, dataset, overrides)
         best = folder / "models" / f"{name}_best.pt"
@@ -165,7 +171,9 @@ def run_demo(
     sampler: str | None = None,
     steps: int | None = None,
     epochs: int | None = None,
-    seg_epochs: int | None = None,
+    seg_iterations: int | None = None,
+    seeds: int = 3,
+    seg_regimes: str = "E2-1,E2-3",
 ) -> Path:
     """The whole demo; returns the path of ``OUT/report.md``.
 
@@ -177,7 +185,10 @@ def run_demo(
         n: synthetic pairs to generate. sampler, steps: the mask sampler (default: the
             mask_diffusion config's).
         epochs: override the epochs of every generator training stage (default: preset's).
-        seg_epochs: epochs of each segmentation training (default: the preset's).
+        seg_iterations: optimiser steps of each segmentation training (default: the
+            seg_downstream demo preset's max_iterations).
+        seeds: segmentation trainings per regime (seeds seed, seed + 1, ...).
+        seg_regimes: the regimes of the segmentation study, e.g. E2-1,E2-2,E2-3.
     """
     from medgen3d.report import demo_figures, write_report
 
@@ -187,7 +198,7 @@ def run_demo(
     mask_config = bundle_config("mask_diffusion", SCALE, dataset)
     sampler = sampler or mask_config.get_parsed_content("sampler")
     steps = steps or mask_config.get_parsed_content("steps")
-    run = DemoRun(out, dataset, steps=7 if train else 6)
+    run = DemoRun(out, dataset, steps=8 if train else 7)
     weights = None if train else shipped_weights(dataset)
     train_json, heldout_json = run.step(
         f"{dataset} demo cohort: {cases} cases, the last {heldout} held out",
@@ -231,15 +242,24 @@ def run_demo(
         seed,
     )
     seg = run.step(
-        "segmentation study: real only (E2-1) vs real + synthetic (E2-3), unet3d",
+        f"segmentation study: {seg_regimes} at equal steps, unet3d, {seeds} seeds",
         _seg_study,
+        train_json,
         heldout_json,
         synthetic,
         out / "seg_study",
         dataset,
-        heldout,
-        seed,
-        seg_epochs,
+        {"seed": seed, "seeds": seeds, "regimes": seg_regimes, "max_iterations": seg_iterations},
+    )
+    results["agreement"] = run.step(
+        f"mask-image agreement: the E2-1 segmenter (seed {seed}), synthetic vs held-out real",
+        agreement,
+        out / "seg_study" / "unet3d" / f"seed{seed}" / "E2-1" / "models" / "model.pt",
+        synthetic,
+        out / "seg_study" / "real_test.json",  # the study's test cases: unseen by the segmenter
+        out / "agreement",
+        SCALE,
+        dataset,
     )
     figures = run.step(
         "figures",
@@ -270,25 +290,37 @@ def run_demo(
     )
 
 
-def _seg_study(
-    real: Path, synthetic: Path, out: Path, dataset: str, heldout: int, seed: int, epochs
-) -> str:
-    """E2-1 vs E2-3 for unet3d on the held-out real cases (half of them are its test set)."""
-    from common.seg.study import seg_study
+def _val_interval(iterations: int) -> int:
+    """About six validations: the largest divisor of ``iterations`` up to a sixth of it."""
+    return max(d for d in range(1, max(1, iterations // 6) + 1) if iterations % d == 0)
 
+
+def _seg_study(
+    train: Path, heldout: Path, synthetic: Path, out: Path, dataset: str, options: dict
+) -> str:
+    """The paper's protocol for unet3d: the segmenter trains and validates on the generators'
+    training cases (``train``; with all the synthetic pairs) and is tested on the held-out
+    cases nothing saw (``heldout``); every regime the same steps, ``options["seeds"]`` times.
+    ``options``: seed, seeds, regimes, max_iterations (None: the preset's)."""
+    from common.seg.study import REPO_BUNDLE, seg_study, study_settings
+
+    val_cases = study_settings(REPO_BUNDLE, SCALE, dataset, {}, {})["val_cases"]
+    n_real = len(read_datalist(train)["training"]) - val_cases
+    n_synthetic = len(read_datalist(synthetic)["training"])
+    iterations = options["max_iterations"]
     seg_study(
-        str(real),
+        str(train),
         str(synthetic),
         networks="unet3d",
-        regimes="E2-1,E2-3",
+        regimes=options["regimes"],
         out=str(out),
         scale=SCALE,
         dataset=dataset,
-        test_cases=max(1, heldout // 2),
-        val_cases=1,
-        seed=seed,
-        max_epochs=epochs,
-        # about six validations (each may save the best model) however few the epochs
-        overrides={"val_interval": max(1, epochs // 6)} if epochs else None,
+        test=str(heldout),
+        seeds=options["seeds"],
+        synthetic_ratio=n_synthetic / max(1, n_real),  # every synthetic pair
+        seed=options["seed"],
+        max_iterations=iterations,
+        overrides={"val_interval": _val_interval(iterations)} if iterations else None,
     )
     return (out / "results.md").read_text()

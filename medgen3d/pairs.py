@@ -32,6 +32,8 @@ def generate_pairs(
     device: str | None = None,
     mask_ckpt: str | Path | None = None,
     image_models: str | Path | None = None,
+    depth: int | None = None,
+    extent_mm: float | None = None,
 ) -> Path:
     """``n`` paired volumes in ``out`` (``masks/labels``, ``images``, ``datalist.json``).
 
@@ -40,7 +42,8 @@ def generate_pairs(
     Weights: ``mask_ckpt`` (MC-DPM state dict) and ``image_models`` (a folder with
     ``model.pt``, the sequence generator, and ``refiner_<view>.pt``), by default the bundles'
     ``models/``, which the base configs describe; ``scale`` and ``dataset`` name the presets
-    of other weights.
+    of other weights. ``depth`` (slices) or ``extent_mm`` set the volumes' axial length
+    (default: the model grid's depth).
     Under ``torchrun --nproc_per_node=N -m medgen3d.cli generate`` the N ranks share the
     cases (one GPU each) and make the same volumes as one process.
     """
@@ -58,6 +61,8 @@ def generate_pairs(
             steps=steps,
             ckpt_path=mask_ckpt,
             device=dev,
+            depth=depth,
+            extent_mm=extent_mm,
         ),
     )
     mask_datalist = masks.get_parsed_content("generate")()
@@ -75,3 +80,19 @@ def generate_pairs(
         ),
     )
     return images.get_parsed_content("synthesize")()
+
+
+def check_pairs(datalist: Path, ranges: dict, retries: int, seed: int, **generation) -> dict:
+    """The quality gate (``common.images.qc.quality_gate``) on a ``generate_pairs`` datalist:
+    the failing pairs are remade by ``generate_pairs`` with the same ``generation`` settings
+    and new seeds, in ``<datalist folder>/qc/retry_<round>``; prints what it did."""
+    from common.images.qc import qc_summary, quality_gate
+
+    folder = Path(datalist).parent / "qc"
+
+    def regenerate(count: int, run_seed: int, name: str) -> Path:
+        return generate_pairs(count, folder / name, run_seed, **generation)
+
+    report = quality_gate(datalist, ranges, regenerate, seed, retries)
+    print(qc_summary(report))
+    return report

@@ -35,6 +35,7 @@ SHARED_KEYS = {
     "mri_percentiles",
     "num_workers",
     "spatial_size",
+    "z_framing",
     "z_resample_mm",
     "roi_size",
     "pixdim",
@@ -336,6 +337,7 @@ def test_monai_label_style_training_loads_weights_into_network(tiny_segthor_data
             "validate#dataset#data": cases[3:],
         },
         lr=0.0,  # not MONAI Label's: so the weights after one epoch are the loaded ones
+        val_interval=2,  # nor this: an "epoch" of 2 optimiser steps instead of 40, for speed
     )
     trained = torch.load(bundle / "models" / "resume.pt", weights_only=True)["model"]
     assert trained.keys() == pretrained.keys()
@@ -343,7 +345,8 @@ def test_monai_label_style_training_loads_weights_into_network(tiny_segthor_data
 
 
 def test_tiny_study_writes_the_paper_table(tiny_segthor_datalist, tmp_path, capsys):
-    """E2-1 and E2-4 (synthetic -> real fine-tune); the tiny datalist stands in for synthetic."""
+    """E2-1 and E2-4 (synthetic -> real fine-tune), and E2-1 as long as E2-4 (the control);
+    the tiny datalist stands in for synthetic."""
     out = tmp_path / "study"
     study = {
         "real": str(tiny_segthor_datalist),
@@ -351,19 +354,22 @@ def test_tiny_study_writes_the_paper_table(tiny_segthor_datalist, tmp_path, caps
         "regimes": "E2-1,E2-4",
         "out": str(out),
         "scale": "tiny",
-        "max_epochs": 20,  # 1 iteration each: enough to learn the heart and the aorta
+        "max_iterations": 20,  # enough to learn the heart and the aorta
     }
     table = seg_study(**study)
     assert "| E2-1 |" in table and "| E2-4 |" in table and "unet3d" in table
-    stages = sorted(p.name for p in (out / "unet3d").iterdir())
-    assert stages == ["E2-1", "E2-2", "E2-4"]
-    e24 = json.loads((out / "unet3d" / "E2-4" / "stage.json").read_text())
-    assert e24["init"] == json.loads((out / "unet3d" / "E2-2" / "stage.json").read_text())
-    assert e24["epochs"] == 1 and e24["init"]["epochs"] == 20  # finetune_epochs, max_epochs
+    runs = out / "unet3d" / "seed0"
+    stages = sorted(p.name for p in runs.iterdir())
+    assert stages == ["E2-1", "E2-1-control", "E2-2", "E2-4"]
+    e24 = json.loads((runs / "E2-4" / "stage.json").read_text())
+    e22 = json.loads((runs / "E2-2" / "stage.json").read_text())
+    assert e24["init"] == {k: v for k, v in e22.items() if k != "steps"}
+    assert (e24["steps"], e22["steps"]) == (1, 20)  # finetune_iterations, max_iterations
+    assert "| E2-1-control | 21 |" in table and "| E2-4 | 21 (20 + 1) |" in table
     splits = json.loads((out / "splits.json").read_text())
     assert not set(splits["real_test"]) & set(splits["real_train"] + splits["real_val"])
     rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0] == "network,regime,label,dice,hd95_mm" and len(rows) == 1 + 2 * 5
+    assert rows[0] == "network,regime,seed,steps,label,dice,hd95_mm" and len(rows) == 1 + 3 * 5
     # the E2-1 model segments its held-out case better than the network it started as
     configs = [str(CONFIGS / f"{c}.yaml") for c in ("train", "evaluate", "tiny")]
     untrained = tmp_path / "untrained"
@@ -374,10 +380,10 @@ def test_tiny_study_writes_the_paper_table(tiny_segthor_datalist, tmp_path, caps
     test = {"bundle_root": str(untrained), "datalist": str(out / "real_test.json")}
     bundle_run("evaluating", config_file=configs, **test)
     before = json.loads((untrained / "eval" / "metrics.json").read_text())
-    after = json.loads((out / "unet3d" / "E2-1" / "eval" / "metrics.json").read_text())
+    after = json.loads((runs / "E2-1" / "eval" / "metrics.json").read_text())
     assert after["n_cases"] == before["n_cases"] == 1
     assert after["dice"]["mean"] > before["dice"]["mean"] + 0.1, (before, after)
     # a rerun keeps every finished stage
     capsys.readouterr()
     seg_study(**study)
-    assert capsys.readouterr().out.count("finished before, kept") == 3
+    assert capsys.readouterr().out.count("finished before, kept") == 4

@@ -24,7 +24,7 @@ CASES = {
         "network",
         {"sdm_max_epochs": 3},
     ),
-    "seg": ("seg_downstream", ["train.yaml"], "network", {"max_epochs": 3}),
+    "seg": ("seg_downstream", ["train.yaml"], "network", {"max_iterations": 3}),
 }
 
 

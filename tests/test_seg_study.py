@@ -1,6 +1,9 @@
-"""Regimes, case pools, networks, checkpoint starts and metrics of the downstream study."""
+"""Regimes, budgets, case pools, networks, checkpoint starts and metrics of the downstream
+study, and a tiny study with seeds and an explicit test datalist."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,19 +15,26 @@ from monai.metrics import DiceMetric
 
 from common.core.errors import DataError
 from common.core.io import save_nifti, start_from
+from common.data.splits import split_datalist
 from common.seg.cases import image_cases
 from common.seg.metrics import HausdorffDistance95, markdown_table, summarise
 from common.seg.networks import make_network
 from common.seg.regimes import (
+    CONTROL,
     E2_REGIMES,
     Stage,
+    assemble,
     pick_synthetic,
     plan_stages,
     regime_dataset,
+    regime_iterations,
     regime_stages,
     split_cases,
     stage_cases,
+    with_control,
 )
+from common.seg.schedule import StepSampler, StepSchedule, step_schedule
+from common.seg.study import seg_study
 
 REAL = [{"image": f"r{i}.nii.gz", "label": f"r{i}_lab.nii.gz"} for i in range(16)]
 SYNTHETIC = [{"image": f"s{i}.nii.gz", "label": f"s{i}_lab.nii.gz"} for i in range(30)]
@@ -53,6 +63,95 @@ def test_split_is_seeded_disjoint_and_complete():
 def test_split_needs_enough_cases():
     with pytest.raises(DataError, match="add cases or lower test_cases"):
         split_cases(REAL[:5], test_cases=4, val_cases=1, seed=0)
+    split = split_cases(REAL[:5], test_cases=0, val_cases=1, seed=0)  # tests come from elsewhere
+    assert split["test"] == [] and len(split["train"]) == 4
+
+
+@pytest.fixture(scope="module")
+def real_and_test(tiny_segthor_datalist, tmp_path_factory):
+    """The tiny cohort's first 3 cases as the real datalist, the 4th as the test datalist."""
+    folder = tiny_segthor_datalist.parent
+    out = tmp_path_factory.mktemp("real_and_test")
+    real, test = split_datalist(tiny_segthor_datalist, 3, out / "real.json", out / "test.json")
+    # the files stay in the cohort folder: both datalists name them by absolute path
+    for path in (real, test):
+        doc = json.loads(path.read_text())
+        for case in doc["training"]:
+            case.update({k: str(folder / v) for k, v in case.items() if k in ("image", "label")})
+        path.write_text(json.dumps(doc))
+    return real, test
+
+
+SETTINGS = {"test_cases": 1, "val_cases": 1, "seed": 0, "synthetic_ratio": 1.0}
+
+
+def test_an_explicit_test_datalist_never_trains_or_validates(real_and_test):
+    real, test = real_and_test
+    plan = plan_stages(["E2-1", "E2-3"])
+    _, splits, pools = assemble(plan, str(real), str(real), None, SETTINGS, str(test))
+    held = images(json.loads(test.read_text())["training"])
+    assert [Path(p).name for p in images(splits["real"]["test"])] == ["c3.nii.gz"]
+    assert len(splits["real"]["train"]) == 2 and len(splits["real"]["val"]) == 1
+    trained = images(splits["real"]["train"] + splits["real"]["val"] + pools["synthetic"])
+    assert not {Path(p).name for p in trained} & {Path(p).name for p in held}
+
+
+def test_a_test_case_that_is_also_a_real_case_is_refused(real_and_test, tiny_segthor_datalist):
+    real, _ = real_and_test
+    shared = r"3 test cases are also real .*c0\.nii\.gz, .*c2\.nii\.gz"
+    with pytest.raises(DataError, match=shared) as err:
+        assemble(plan_stages(["E2-1"]), str(tiny_segthor_datalist), None, None, SETTINGS, str(real))
+    assert str(err.value).startswith(str(real))
+
+
+# ---------------------------------------------------------------- budgets in optimiser steps
+
+
+def test_schedule_counts_optimiser_steps_in_blocks_of_val_interval():
+    # 6 "epochs" of 40 steps, each validated, whatever the number of cases
+    assert step_schedule(240, 30, 40, num_cases=14, batch_size=2) == StepSchedule(6, 40, 1)
+    assert step_schedule(240, 30, 40, num_cases=3, batch_size=2) == StepSchedule(6, 40, 1)
+    # by epochs: passes over the cases (7 steps each), validated every 6 epochs = 42 steps
+    assert step_schedule(None, 30, 40, 14, 2) == StepSchedule(30, None, 6)
+    assert step_schedule(None, 30, 1, 14, 2) == StepSchedule(30, None, 1)
+    with pytest.raises(ValueError, match="not a multiple of val_interval=40.*e.g. 25"):
+        step_schedule(250, 30, 40, 14, 2)
+    assert step_schedule(0, 30, 40, 14, 2) == StepSchedule(30, None, 6)  # 0 as null
+    with pytest.raises(ValueError, match=">= 1"):
+        step_schedule(-5, 30, 40, 14, 2)
+
+
+def test_sampler_streams_seeded_permutations_block_by_block():
+    sampler = StepSampler(num_cases=3, batch_size=2, epoch_length=4, seed=5)  # 8 of 3 cases
+    blocks = []
+    for epoch in (1, 2, 3):
+        sampler.set_epoch(epoch)
+        blocks.append(list(sampler))
+    assert [len(b) for b in blocks] == [8, 8, 8] and len(sampler) == 8
+    stream = sum(blocks, [])
+    for p in range(8):  # every 3 indices: a whole permutation, so each case equally often
+        assert sorted(stream[3 * p : 3 * p + 3]) == [0, 1, 2]
+    again = StepSampler(3, 2, 4, seed=5)
+    again.set_epoch(2)  # a resumed training's block 2 is the uninterrupted one's
+    assert list(again) == blocks[1]
+    passes = StepSampler(num_cases=5, batch_size=2, epoch_length=None, seed=5)
+    passes.set_epoch(2)
+    assert sorted(passes) == [0, 1, 2, 3, 4]  # epochs: one pass each
+
+
+def test_every_regime_has_its_budget_and_the_control_the_longest():
+    steps = {"max_iterations": 240, "finetune_iterations": 120}
+    budgets = {r: regime_iterations(r, steps) for r in E2_REGIMES}
+    assert budgets == {"E2-1": 240, "E2-2": 240, "E2-3": 240, "E2-4": 360, "E2-5": 360}
+    regimes = with_control(["E2-1", "E2-3", "E2-5"], steps)
+    assert regimes == ["E2-1", "E2-3", "E2-5", CONTROL]
+    assert regime_iterations(CONTROL, steps, regimes) == 360
+    assert regime_stages(CONTROL) == [Stage(CONTROL, ("real",), control=True)]
+    assert with_control(["E2-1", "E2-3"], steps) == ["E2-1", "E2-3"]  # all equal: no control
+    assert with_control(["E2-3", "E2-5"], steps) == ["E2-3", "E2-5"]  # no E2-1 to control
+    epochs = {"max_iterations": 0, "finetune_iterations": 120}
+    assert with_control(["E2-1", "E2-5"], epochs) == ["E2-1", "E2-5"]
+    assert regime_iterations("E2-5", epochs) is None
 
 
 def test_synthetic_draw_follows_the_ratio():
@@ -224,3 +323,65 @@ def test_table_has_regimes_as_rows_and_networks_as_columns():
         "| E2-1 | 0.873 | - |",
         "| E2-2 | 0.846 | - |",
     ]
+
+
+# ---------------------------------------------------------------- a tiny study
+
+
+@pytest.mark.slow
+def test_tiny_study_repeats_seeds_at_equal_steps_on_the_test_datalist(real_and_test, tmp_path):
+    """E2-1 (2 real cases) and E2-3 (2 real + 2 synthetic) run the same 2 steps (by epochs
+    E2-3 would run twice E2-1's), 2 seeds each, tested on the explicit test datalist."""
+    real, test = real_and_test
+    out = tmp_path / "study"
+    table = seg_study(
+        str(real),
+        str(real),
+        regimes="E2-1,E2-3",
+        out=str(out),
+        scale="tiny",
+        test=str(test),
+        seeds=2,
+        seed=4,
+    )
+    runs = json.loads((out / "results.json").read_text())
+    assert sorted((r["regime"], r["seed"], r["steps"]) for r in runs) == [
+        ("E2-1", 4, [2]),
+        ("E2-1", 5, [2]),
+        ("E2-3", 4, [2]),
+        ("E2-3", 5, [2]),
+    ]
+    for r in runs:
+        assert r["n_cases"] == 1 and len(r["per_case"]["dice"]) == 1
+        stage = json.loads(
+            (out / "unet3d" / f"seed{r['seed']}" / r["regime"] / "stage.json").read_text()
+        )
+        assert stage["seed"] == r["seed"] and len(stage["train"]) == (
+            2 if r["regime"] == "E2-1" else 4
+        )
+        assert not {Path(p).name for p in stage["train"] + stage["val"]} & {"c3.nii.gz"}
+    assert "2 seed(s)" in table and " ± " in table and "| E2-3 | 2 |" in table
+    assert "Dice difference to E2-1" in table and CONTROL not in table
+    stats = json.loads((out / "statistics.json").read_text())["unet3d"]
+    d, low, high = stats["E2-3"]["difference"]["mean"]
+    assert low <= d <= high
+
+
+@pytest.mark.slow
+def test_tiny_study_by_epochs_shows_the_unequal_steps(real_and_test, tmp_path):
+    """max_iterations 0: 2 epochs each, so E2-3 (4 cases) runs twice E2-1's steps."""
+    real, test = real_and_test
+    out = tmp_path / "study"
+    table = seg_study(
+        str(real),
+        str(real),
+        regimes="E2-1,E2-3",
+        out=str(out),
+        scale="tiny",
+        test=str(test),
+        max_iterations=0,
+        max_epochs=2,
+    )
+    runs = json.loads((out / "results.json").read_text())
+    assert sorted((r["regime"], r["steps"]) for r in runs) == [("E2-1", [2]), ("E2-3", [4])]
+    assert "| E2-1 | 2 |" in table and "| E2-3 | 4 |" in table and CONTROL not in table

@@ -1,8 +1,8 @@
 """A bundle's configs as one parser: stage files, then a scale and a dataset preset.
 
 Presets sit on two axes, merged in this order after a stage's own files: the scale
-(``configs/<scale>.yaml``: grid size, network widths, batch sizes, sampler) and the
-dataset (``configs/<dataset>.yaml``: label set, modality, field of view, data folder).
+(``configs/<scale>.yaml``: grid size and z framing, network widths, batch sizes, sampler)
+and the dataset (``configs/<dataset>.yaml``: label set, modality, field of view, data folder).
 Either may also be the path of a YAML file of the user's. The base configs alone describe
 the weights a bundle ships, so a stage also runs with no preset at all.
 """
@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 
 from common.core.errors import DataError
 
-SCALES = ("tiny", "demo", "paper")
+SCALES = ("tiny", "demo", "standard", "paper")
 DATASETS = ("thorax", "brain")
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from common.core.errors import DataError
 from common.core.io import atomic_path, remove_temporaries
 from common.core.lock import claim, release
+from common.core.provenance import TrainingCases, attach_record
 
 logger = logging.getLogger(__name__)
 
@@ -130,17 +131,20 @@ def save_checkpoint(state: Mapping, path: Path) -> None:
 
 
 class _AtomicSaver(BaseSaveHandler):
-    """Rank 0 writes each checkpoint with :func:`save_checkpoint`.
+    """Rank 0 writes each checkpoint with :func:`save_checkpoint`, with the training's
+    ``record`` (``common.core.provenance.TrainingCases``) when given.
 
     With a fixed ``filename`` the old file is replaced by the rename, never removed first
     (ignite removes the previous best before it saves the new one).
     """
 
-    def __init__(self, dirname: str | Path, filename: str | None = None):
-        self.dirname, self.filename = Path(dirname), filename
+    def __init__(self, dirname: str | Path, filename: str | None = None, record=None):
+        self.dirname, self.filename, self.record = Path(dirname), filename, record
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None):
         if idist.get_rank() == 0:
+            if self.record is not None:
+                checkpoint = attach_record(checkpoint, self.record.state_dict())
             save_checkpoint(checkpoint, self.dirname / (self.filename or filename))
 
     def remove(self, filename: str) -> None:
@@ -151,13 +155,15 @@ class _AtomicSaver(BaseSaveHandler):
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's ``CheckpointSaver`` (same arguments) with atomic writes: a kill or a full disk
     leaves the previous complete file, never a partial one (MONAI 1.6 writes in place).
+    ``record``: the training cases (``common.core.provenance.TrainingCases``) that every file
+    it writes records.
 
     Its state (``state_dict``/``load_state_dict``, for :class:`ResumeCheckpoint`) is the best
     score so far: the key-metric file's and the evaluator's ``best_metric``, so a resumed run
     replaces the best file, and logs a new best, only for a better score.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs):
+    def __init__(self, save_dir: str, save_dict: dict, record=None, **kwargs):
         super().__init__(save_dir, save_dict, **kwargs)
         self.engine: Engine | None = None
         for ckpt in (
@@ -166,7 +172,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
             self._interval_checkpoint,
         ):
             if ckpt is not None:
-                ckpt.save_handler = _AtomicSaver(save_dir, ckpt.save_handler.filename)
+                ckpt.save_handler = _AtomicSaver(save_dir, ckpt.save_handler.filename, record)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -193,7 +199,8 @@ class ResumeCheckpoint:
     """Save ``objects`` to ``ckpt_dir/name`` after every epoch; load it before the run.
 
     ``objects`` maps names to things with ``state_dict``/``load_state_dict`` (network,
-    optimizer, LR scheduler, prepare-batch, the best-checkpoint saver, ...), to
+    optimizer, LR scheduler, prepare-batch, the best-checkpoint saver, the training cases
+    (``common.core.provenance.TrainingCases``), ...), to
     ``torch.Generator``s or to the training ``Compose`` (its random transforms' states); the
     engine and the global RNG are added. A killed run restarted with the same command
     continues from the last finished epoch as if never stopped, with its best score. The file
@@ -240,14 +247,19 @@ class ResumeCheckpoint:
             raise self._problem(f"cannot be read as a resume checkpoint ({_first_line(e)})") from e
         if not isinstance(state, dict):
             raise self._problem(f"is not a resume checkpoint (it holds a {type(state).__name__})")
-        missing = sorted(set(self.objects) - set(state))
+        # a resume file from before training cases were recorded: this run's record stands
+        missing = sorted(
+            k
+            for k in set(self.objects) - set(state)
+            if not isinstance(self.objects[k], TrainingCases)
+        )
         if missing:
             raise self._problem(f"has no state for {missing}: written by another training")
         return state
 
     def _load(self, which) -> None:
         for name, obj in self.objects.items():
-            if which(obj):
+            if which(obj) and name in self.state:
                 try:
                     Checkpoint.load_objects(to_load={name: obj}, checkpoint=self.state)
                 except Exception as e:

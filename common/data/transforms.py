@@ -1,22 +1,27 @@
 """MONAI transform chains that bring a (image, label) pair to the model's fixed geometry.
 
-Chain (dictionary transforms, keys ``image`` and ``label``)::
+Chain (dictionary transforms, keys ``image`` and ``label``), in one of two z framings::
 
     load (NIfTI/MGZ) -> channel first -> orient RAS -> resample to ``pixdim``
-    -> label remap (source values -> 0..K-1) -> crop to the labelled z-range +- ``z_margin``
-    -> intensity to [-1, 1] (CT window / MRI percentiles) -> resize z to D, pad/crop H, W
-    -> optional one-hot label
+    -> label remap (source values -> 0..K-1)
+    labelled_range: -> crop to the labelled z-range +- ``z_margin`` -> intensity to [-1, 1]
+                    -> resize z to D (a slice index is a relative anatomical position)
+    field_of_view:  -> intensity to [-1, 1] -> the D slices centred on the labelled z-range,
+                    padded past the scan's ends (every axis keeps the grid spacing ``pixdim``)
+    -> pad/crop H, W -> optional one-hot label
 
-Every spatial step and the intensity step are invertible, so ``invert_image`` brings a
-model-space image back to the source grid, affine and HU / original range.
-Output tensors are ``(1, H, W, D)`` (image) and ``(1 or K, H, W, D)`` (label).
+Intensity: CT window / MRI percentiles. Every spatial step and the intensity step are
+invertible, so ``invert_image`` brings a model-space image back to the source grid, affine
+and HU / original range. Output tensors are ``(1, H, W, D)`` (image) and ``(1 or K, H, W, D)``
+(label).
 
 ``image_transforms`` is the chain for an image alone (segmentation inference, MONAI Label):
-the same grid and field of view without a label to crop by.
+the same grid and field of view without a label to frame by.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +30,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     AsDiscreted,
     Compose,
+    Crop,
     CropForegroundd,
     EnsureTyped,
     Invertd,
@@ -32,15 +38,27 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    Pad,
     Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
+    SpatialPadd,
 )
+from monai.utils import ensure_tuple_rep
 
 CT_WINDOW = (-1000.0, 1000.0)
 MRI_PERCENTILES = (0.5, 99.5)
+# z framings: the labelled z-range resized to D slices, or D slices at the grid spacing
+FRAMINGS = ("labelled_range", "field_of_view")
+
+
+def check_framing(z_framing: str) -> str:
+    """``z_framing`` when it is one of ``FRAMINGS``, else ValueError."""
+    if z_framing not in FRAMINGS:
+        raise ValueError(f"z_framing must be one of {FRAMINGS}, got {z_framing!r}")
+    return z_framing
 
 
 def any_label_in_slice(label: torch.Tensor) -> torch.Tensor:
@@ -55,6 +73,47 @@ def any_label_in_slice(label: torch.Tensor) -> torch.Tensor:
         .any(dim=2, keepdim=True)
         .expand(1, *label.shape[1:])
     )
+
+
+class ZWindowd(MapTransform, InvertibleTransform):
+    """``depth`` axial slices centred on the labelled slices of ``source_key``; invertible.
+
+    ``(C, H, W, Z)`` -> ``(C, H, W, depth)``: the window is centred on the middle of the
+    labelled z-range (the volume's middle when ``source_key`` holds no label),
+    cropped from the scan and padded with ``value`` (one per key) where it runs past the
+    scan's ends. MONAI's ``Crop`` and ``Pad`` do the work, so the affine follows and
+    ``inverse`` (``Invertd``) restores the scan's z extent.
+    """
+
+    def __init__(self, keys, depth: int, source_key: str, value=0.0):
+        super().__init__(keys)
+        self.depth, self.source_key = int(depth), source_key
+        self.values = ensure_tuple_rep(value, len(self.keys))
+        self.cropper, self.padder = Crop(), Pad()
+
+    def start(self, data: Mapping[Hashable, torch.Tensor], slices: int) -> int:
+        """First slice of the window (below 0 or past the end where it is padded)."""
+        label = data[self.source_key]
+        labelled = torch.nonzero((label > 0).reshape(-1, label.shape[-1]).any(0))[:, 0]
+        centre = (labelled[0] + labelled[-1] + 1) / 2.0 if labelled.numel() else slices / 2.0
+        return math.floor(float(centre) - self.depth / 2.0 + 0.5)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]):
+        d = dict(data)
+        slices = d[self.first_key(d)].shape[-1]
+        start = self.start(d, slices)
+        lo, hi = max(start, 0), min(start + self.depth, slices)
+        pad = ((0, 0), (0, 0), (0, 0), (lo - start, start + self.depth - hi))
+        for key, value in self.key_iterator(d, self.values):
+            cropped = self.cropper(d[key], (slice(None), slice(None), slice(lo, hi)))
+            d[key] = self.padder(cropped, pad, value=value)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.cropper.inverse(self.padder.inverse(d[key]))
+        return d
 
 
 class OwnKeysSpacingd(Spacingd):
@@ -160,13 +219,16 @@ def volume_transforms(
     ct_window: Sequence[float] = CT_WINDOW,
     mri_percentiles: Sequence[float] = MRI_PERCENTILES,
     load: bool = True,
+    z_framing: str = "labelled_range",
 ) -> Compose:
     """The preprocessing chain for ``{"image": path, "label": path}`` cases.
 
     Returns ``image (1, H, W, D)`` in [-1, 1] and ``label (1, H, W, D)`` with values
     ``0..num_classes-1`` (``(num_classes, H, W, D)`` {0, 1} when ``one_hot``).
-    ``spatial_size = (H, W, D)``: H, W are padded/cropped at ``pixdim``; the labelled
-    z-range is resized to D slices so slice index means the same anatomy in every case.
+    ``spatial_size = (H, W, D)``: H, W are padded/cropped at ``pixdim``. Along z
+    (``z_framing``): ``labelled_range`` resizes the labelled z-range (+- ``z_margin``) to D
+    slices, so a slice index means the same anatomy in every case; ``field_of_view`` keeps
+    ``pixdim[2]`` and takes the D slices centred on the labelled z-range (``ZWindowd``).
     """
     keys = ["image", "label"]
     if modality not in ("CT", "MRI"):
@@ -185,16 +247,23 @@ def volume_transforms(
         Orientationd(keys, axcodes="RAS", labels=None),
         OwnKeysSpacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")),
         RemapLabelsd("label", source_map),
-        CropForegroundd(
-            keys,
-            source_key="label",
-            select_fn=any_label_in_slice,
-            margin=(0, 0, int(z_margin)),
-            allow_smaller=True,
-        ),
-        intensity,
-        Resized("image", spatial_size=(-1, -1, depth), mode="trilinear", anti_aliasing=False),
-        Resized("label", spatial_size=(-1, -1, depth), mode="nearest-exact"),
+    ]
+    if check_framing(z_framing) == "labelled_range":
+        steps += [
+            CropForegroundd(
+                keys,
+                source_key="label",
+                select_fn=any_label_in_slice,
+                margin=(0, 0, int(z_margin)),
+                allow_smaller=True,
+            ),
+            intensity,
+            Resized("image", spatial_size=(-1, -1, depth), mode="trilinear", anti_aliasing=False),
+            Resized("label", spatial_size=(-1, -1, depth), mode="nearest-exact"),
+        ]
+    else:
+        steps += [intensity, ZWindowd(keys, depth, "label", value=(-1.0, 0.0))]
+    steps += [
         ResizeWithPadOrCropd("image", spatial_size=(h, w, -1), value=-1.0),
         ResizeWithPadOrCropd("label", spatial_size=(h, w, -1)),
     ]
@@ -209,17 +278,22 @@ def image_transforms(
     spatial_size: Sequence[int],
     ct_window: Sequence[float] = CT_WINDOW,
     mri_percentiles: Sequence[float] = MRI_PERCENTILES,
+    z_framing: str = "labelled_range",
 ) -> Compose:
-    """``{"image": path}`` -> ``image (1, H, W, D)`` in [-1, 1] on the model grid, no label.
+    """``{"image": path}`` -> ``image (1, H, W, Z)`` in [-1, 1] on the model grid, no label.
 
-    RAS, resampled to ``pixdim``, intensities as in ``volume_transforms``, then the centre
-    ``spatial_size`` (padded with -1, air): the grid and field of view training sees when a
-    case's labelled z-range spans about D slices at ``pixdim`` (the demo cohorts). The
-    spatial steps are invertible, so ``Invertd`` brings a prediction back to the input's grid
-    and affine; the intensity step is left out of the inversion (MONAI's ScaleIntensity*).
+    RAS, resampled to ``pixdim``, intensities as in ``volume_transforms``, the centre H x W
+    (padded with -1, air), then along z (``z_framing``): ``labelled_range`` takes the centre
+    D slices (``Z = D``; the field of view training sees when a case's labelled z-range spans
+    about D slices at ``pixdim``, as in the demo cohorts); ``field_of_view`` keeps the whole
+    scan, padded around its middle to at least D slices (``Z >= D``), for a sliding-window
+    inferer with a ``(H, W, D)`` window. The spatial steps are invertible, so ``Invertd``
+    brings a prediction back to the input's grid and affine; the intensity step is left out
+    of the inversion (MONAI's ScaleIntensity*).
     """
     if modality not in ("CT", "MRI"):
         raise ValueError(f"modality must be CT or MRI, got {modality!r}")
+    h, w, depth = (int(s) for s in spatial_size)
     intensity = (
         ScaleIntensityRanged(
             "image", a_min=ct_window[0], a_max=ct_window[1], b_min=-1.0, b_max=1.0, clip=True
@@ -234,6 +308,14 @@ def image_transforms(
             clip=True,
         )
     )
+    framing = (
+        [
+            ResizeWithPadOrCropd("image", spatial_size=(h, w, -1), value=-1.0),
+            SpatialPadd("image", spatial_size=(h, w, depth), value=-1.0),
+        ]
+        if check_framing(z_framing) == "field_of_view"
+        else [ResizeWithPadOrCropd("image", spatial_size=(h, w, depth), value=-1.0)]
+    )
     return Compose(
         [
             LoadImaged("image", reader="NibabelReader", ensure_channel_first=True, image_only=True),
@@ -241,7 +323,7 @@ def image_transforms(
             Orientationd("image", axcodes="RAS", labels=None),
             OwnKeysSpacingd("image", pixdim=pixdim, mode="bilinear"),
             intensity,
-            ResizeWithPadOrCropd("image", spatial_size=[int(s) for s in spatial_size], value=-1.0),
+            *framing,
         ]
     )
 
@@ -263,15 +345,27 @@ def invert_image(model_image: torch.Tensor, reference: dict, transforms: Compose
 
 
 def grid_pixdim(
-    field_of_view: Sequence[float], spatial_size: Sequence[int], z_spacing: float | None = None
+    field_of_view: Sequence[float],
+    spatial_size: Sequence[int],
+    z_spacing: float | None = None,
+    z_framing: str = "labelled_range",
 ) -> list[float]:
     """Voxel size (mm) of a model grid of ``spatial_size`` covering ``field_of_view`` (mm).
 
-    ``z_spacing`` replaces the axial spacing, e.g. for the resampling step that runs before
-    the labelled z-range is resized to the grid's depth.
+    ``z_spacing`` replaces the axial spacing, for the resampling step that runs before the
+    labelled z-range is resized to the grid's depth (``z_framing: labelled_range``). The
+    ``field_of_view`` framing resamples to the grid itself, so there it must be None (or equal
+    the grid's), else the written volumes' affine would not match their voxels.
     """
     pixdim = [float(f) / int(s) for f, s in zip(field_of_view, spatial_size)]
-    return pixdim if z_spacing is None else [*pixdim[:2], float(z_spacing)]
+    if z_spacing is None:
+        return pixdim
+    if check_framing(z_framing) == "field_of_view" and not math.isclose(z_spacing, pixdim[2]):
+        raise ValueError(
+            f"z_resample_mm {z_spacing} differs from the grid's z spacing {pixdim[2]} "
+            "(field_of_view / spatial_size); with z_framing field_of_view set it to null"
+        )
+    return [*pixdim[:2], float(z_spacing)]
 
 
 def model_space_affine(pixdim: Sequence[float], spatial_size: Sequence[int]) -> np.ndarray:

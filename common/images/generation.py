@@ -10,7 +10,7 @@ generator alone, for comparison), plus a paired ``datalist.json``. Reruns skip f
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from common.core.distributed import rank0_writes, shard
 from common.core.io import read_record, remake_reason, remove_temporaries, save_nifti
+from common.core.provenance import DATALIST_KEY
 from common.core.seeds import case_seed
 from common.data.datalists import (
     datalist_label_set,
@@ -74,6 +75,7 @@ def synthesize_images(
     output_dir: str | Path,
     value_range: Sequence[float],
     seed: int = 0,
+    generators: Mapping[str, dict | None] | None = None,
 ) -> Path:
     """Images for every mask of ``mask_datalist`` from ``pipeline``; returns
     ``output_dir/datalist.json``.
@@ -83,6 +85,9 @@ def synthesize_images(
             guidance, steps) are recorded in the datalist.
         value_range: model [-1, 1] maps back to this range (CT: the HU window).
         seed: a case without a recorded ``seed`` uses ``case_seed(seed, k)``.
+        generators: the records of the real cases that trained the pipeline's weights
+            (``common.core.provenance.checkpoint_records``); the datalist keeps them with
+            the mask datalist's as ``generator_training_cases``.
 
     Each case is made alone and written at once. Its two files and its datalist entry record
     how it was made (``settings``: seed, the pipeline's settings and weights, the mask's
@@ -159,9 +164,16 @@ def synthesize_images(
             t0=pipeline.t0,
             guidance=pipeline.guidance,
             steps=pipeline.steps,
+            generator_training_cases={**_mask_generators(doc), **(generators or {})},
         )
     )
     return path
+
+
+def _mask_generators(doc: dict) -> dict:
+    """The mask datalist's generator records; generated masks without any give
+    ``{"masks": None}`` (unknown), real masks (a model-space export) none."""
+    return doc.get(DATALIST_KEY) or ({"masks": None} if doc.get("masks_only") else {})
 
 
 def _digest(labels: np.ndarray, affine: np.ndarray) -> str:

@@ -15,6 +15,7 @@ from monai.networks.schedulers import Scheduler
 from torch import nn
 
 from common.core.io import load_weights, weights_fingerprint
+from common.core.savers import as_flag, compile_networks
 from common.core.seeds import case_seed
 from common.images.refiner import VIEWS, load_view_models, refine_volume
 from common.images.sequence_generator import generate_volume
@@ -29,6 +30,9 @@ class ImagePipeline:
         scheduler: the refiners' sampler (``common.diffusion.schedulers.make_scheduler``).
         t0, guidance, steps, slice_batch, bf16: as ``common.images.refiner.refine_volume``.
         refine: False returns the generator's volume as the refined one (no refiners needed).
+        compile: ``torch.compile`` the refiners (``common.core.savers.compile_networks``):
+            faster per slice batch after each view compiles once per slice shape (about a
+            minute on a CPU), so it pays only for many volumes (benchmarks/results.md).
 
     ``pipeline(onehot, seeds)``: one-hot {0, 1} masks ``(B, K, H, W, D)`` and one seed per
     volume (or an int, see ``refine_volume``) -> ``(sequence_only, refined)``, both
@@ -48,12 +52,15 @@ class ImagePipeline:
         slice_batch: int = 64,
         refine: bool = True,
         bf16: bool = False,
+        compile: bool = False,
     ):
         if refine and not refiners:
             raise ValueError("refine=True needs refiners {view: network}")
         self.generator, self.refiners, self.scheduler = generator.eval(), dict(refiners), scheduler
+        compile_networks(self.refiners.values(), compile)
         self.t0, self.guidance, self.steps = int(t0), float(guidance), int(steps)
-        self.slice_batch, self.refine, self.bf16 = int(slice_batch), bool(refine), bool(bf16)
+        self.slice_batch, self.refine = int(slice_batch), bool(refine)
+        self.bf16 = as_flag(bf16, "bf16")
 
     @classmethod
     def from_checkpoints(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.networks.nets import SPADEDiffusionModelUNet
 from monai.networks.schedulers import Scheduler
@@ -117,8 +118,10 @@ class SemanticDiffusionUNet(SPADEDiffusionModelUNet):
 
     ``forward(x (B, 1, a, b), timesteps (B,), seg (B, K, a, b))``: ``timesteps`` may be an int
     or list (as a bundle check passes it); ``seg`` that is None or not a tensor means an
-    all-zero mask, the unconditional branch that condition dropout trains. ``a`` and ``b``
-    must divide by ``2 ** (len(channels) - 1)``.
+    all-zero mask, the unconditional branch that condition dropout trains. Slices whose ``a``
+    or ``b`` does not divide by ``2 ** (len(channels) - 1)`` (the UNet's levels; e.g. coronal
+    ``H x D`` of a volume of any depth) are padded at their high ends to the next multiple,
+    repeating the edge, and the output is cropped back.
     """
 
     def __init__(
@@ -149,7 +152,11 @@ class SemanticDiffusionUNet(SPADEDiffusionModelUNet):
         t = t.expand(x.shape[0]) if t.numel() == 1 else t
         if not isinstance(seg, torch.Tensor):
             seg = x.new_zeros(x.shape[0], self.label_nc, *x.shape[2:])
-        return super().forward(x, t, seg=seg, **kwargs)
+        a, b = x.shape[2:]
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        pad = (0, -b % factor, 0, -a % factor)
+        x, seg = (F.pad(v, pad, mode="replicate") for v in (x, seg))
+        return super().forward(x, t, seg=seg, **kwargs)[..., :a, :b]
 
 
 class SDMPrepareBatch(SeededPrepareBatch):

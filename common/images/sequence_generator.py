@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.core.distributed import rank_seed
+from common.core.savers import as_flag, autocast
 from common.core.training import require_finite
 from common.masks.windows import RandWindowd
 
@@ -290,7 +291,8 @@ class SequenceGanTrainer(Trainer):
     (``own_output_probability``); update it with ``l1_weight * L1 + adv_weight * LSGAN +
     fm_weight * feature matching``; update both discriminators with LSGAN on real vs detached
     fake. Output: the scalar losses and ``p_own``. Networks may be DDP-wrapped (torchrun);
-    rank ``r`` draws from ``seed + r``.
+    rank ``r`` draws from ``seed + r``. ``bf16``: the networks' forward passes run under bf16
+    autocast, the losses and the weights stay float32.
     """
 
     def __init__(
@@ -313,6 +315,7 @@ class SequenceGanTrainer(Trainer):
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         non_blocking: bool = False,
+        bf16: bool = False,
     ):
         for name, p in (("p_own_max", p_own_max), ("p_restart", p_restart)):
             if not 0.0 <= p <= 1.0:
@@ -331,7 +334,7 @@ class SequenceGanTrainer(Trainer):
         self.discriminators = (image_discriminator, temporal_discriminator)
         self.l1_weight, self.adv_weight, self.fm_weight = l1_weight, adv_weight, fm_weight
         self.teacher_forcing_epochs, self.p_own_max = int(teacher_forcing_epochs), float(p_own_max)
-        self.p_restart = float(p_restart)
+        self.p_restart, self.bf16 = float(p_restart), as_flag(bf16, "bf16")
         self.rng = torch.Generator().manual_seed(rank_seed(seed))
         self.adversarial = PatchAdversarialLoss(
             criterion="least_squares", no_activation_leastsq=True
@@ -363,7 +366,9 @@ class SequenceGanTrainer(Trainer):
         for net in (engine.generator, *engine.discriminators):
             net.train()
         ctx = image[..., :CONTEXT]
-        fake = unroll(engine.generator, masks, ctx, image[..., CONTEXT:], p_own, engine.rng)
+        with autocast(image.device, engine.bf16):
+            fake = unroll(engine.generator, masks, ctx, image[..., CONTEXT:], p_own, engine.rng)
+        fake = fake.float()
         fake_seq = torch.cat([ctx, fake], -1)
         real_in = engine._disc_inputs(masks, image)
         losses = engine._generator_step(fake, image[..., CONTEXT:], masks, fake_seq, real_in)
@@ -376,11 +381,12 @@ class SequenceGanTrainer(Trainer):
         l1 = torch.nn.functional.l1_loss(fake, real)
         adv, fm = fake.new_zeros(()), fake.new_zeros(())
         for d, f_in, r_in in zip(self.discriminators, self._disc_inputs(masks, fake_seq), real_in):
-            f_out, f_feat = _local(d)(f_in)  # frozen: no gradients of d to sync across ranks
-            with torch.no_grad():
-                _, r_feat = _local(d)(r_in)
-            adv = adv + self.adversarial(f_out, target_is_real=True, for_discriminator=False)
-            fm = fm + feature_matching(f_feat, r_feat)
+            with autocast(fake.device, self.bf16):  # the losses autocast to float32
+                f_out, f_feat = _local(d)(f_in)  # frozen: no gradients of d to sync across ranks
+                with torch.no_grad():
+                    _, r_feat = _local(d)(r_in)
+                adv = adv + self.adversarial(f_out, target_is_real=True, for_discriminator=False)
+                fm = fm + feature_matching(f_feat, r_feat)
         loss = require_finite(self.l1_weight * l1 + self.adv_weight * adv + self.fm_weight * fm)
         self.g_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -392,9 +398,10 @@ class SequenceGanTrainer(Trainer):
         """One update of both discriminators: LSGAN, real -> 1, detached fake -> 0."""
         loss = 0.0
         for d, f_in, r_in in zip(self.discriminators, fake_in, real_in):
-            real_term = self.adversarial(d(r_in)[0], target_is_real=True, for_discriminator=True)
-            fake_term = self.adversarial(d(f_in)[0], target_is_real=False, for_discriminator=True)
-            loss = loss + 0.5 * (real_term + fake_term)
+            with autocast(f_in.device, self.bf16):
+                real = self.adversarial(d(r_in)[0], target_is_real=True, for_discriminator=True)
+                fake = self.adversarial(d(f_in)[0], target_is_real=False, for_discriminator=True)
+            loss = loss + 0.5 * (real + fake)
         require_finite(loss)
         self.d_optimizer.zero_grad(set_to_none=True)
         loss.backward()

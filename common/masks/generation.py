@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,7 +25,7 @@ def mask_settings(pipeline: MaskPipeline, output_pixdim: Sequence[float]) -> dic
         "eta": pipeline.eta,
         "m": pipeline.m,
         "n": pipeline.n,
-        "spatial_size": pipeline.spatial_size,
+        "spatial_size": pipeline.output_size,
         "keep_largest": pipeline.keep_largest,
         "single_component": pipeline.single_component if pipeline.keep_largest else [],
         "pixdim": [float(p) for p in output_pixdim],
@@ -41,8 +41,9 @@ def generate_mask_cases(
     output_pixdim: Sequence[float],
     seed: int = 0,
     modality: str = "CT",
+    generators: Mapping[str, dict | None] | None = None,
 ) -> Path:
-    """Generate ``num_cases`` label volumes ``(H, W, D)`` into ``output_dir/labels``.
+    """Generate ``num_cases`` label volumes ``(H, W, depth)`` into ``output_dir/labels``.
 
     Case ``k`` is seeded with ``case_seed(seed, k)``. Each file records its settings (seed,
     sampler, steps, guidance, ..., a fingerprint of the weights; ``common.core.io.read_record``)
@@ -51,10 +52,13 @@ def generate_mask_cases(
     appear only when complete, ``pipeline.batch_size`` cases at a time. Under torchrun each
     rank makes its share of the cases (``common.core.distributed.shard``); rank 0 writes the
     datalist once every rank has finished. Voxel size ``output_pixdim`` (mm).
+    ``generators``: the records of the real cases that trained the weights
+    (``common.core.provenance.checkpoint_records``), kept in the datalist as
+    ``generator_training_cases`` so a test on those cases can be refused.
     Returns ``output_dir/datalist.json`` (``"masks_only": true``).
     """
     out = Path(output_dir)
-    affine = model_space_affine(output_pixdim, pipeline.spatial_size)
+    affine = model_space_affine(output_pixdim, pipeline.output_size)
     description = "labels: " + ",".join(f"{v} {n}" for v, n in enumerate(labels.names) if v)
     settings = mask_settings(pipeline, output_pixdim)
     cases = []
@@ -89,6 +93,7 @@ def generate_mask_cases(
             seed=seed,
             steps=pipeline.steps,
             guidance=pipeline.guidance,
+            generator_training_cases=dict(generators or {}),
         )
     )
     return path

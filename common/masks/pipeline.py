@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.schedulers import Scheduler
 
+from common.core.errors import DataError
 from common.data.labels import LabelSet
 from common.masks.mcdpm import keep_single_components, sample_mask_volumes
 
@@ -17,6 +18,23 @@ from common.masks.mcdpm import keep_single_components, sample_mask_volumes
 def single_component_ids(labels: LabelSet) -> list[int]:
     """Label values of the organs that are one connected piece (``labels.single_component``)."""
     return [labels.names.index(name) for name in labels.single_component]
+
+
+def output_depth(
+    spatial_size: Sequence[int],
+    z_spacing: float,
+    depth: int | None = None,
+    extent_mm: float | None = None,
+) -> int:
+    """Slices of the generated volumes: ``depth``, or ``extent_mm`` at ``z_spacing`` mm per
+    slice (rounded), or the model grid's depth ``spatial_size[2]`` when neither is given."""
+    if depth is not None and extent_mm is not None:
+        raise DataError(
+            "depth / extent_mm", "both are set", "give the length in slices or in mm, not both"
+        )
+    if extent_mm is not None:
+        return round(float(extent_mm) / float(z_spacing))
+    return int(spatial_size[2]) if depth is None else int(depth)
 
 
 class MaskPipeline:
@@ -28,6 +46,9 @@ class MaskPipeline:
     are sampled together. Post-processing (``keep_largest``) keeps the largest 26-connected
     piece of each label in ``single_component``. ``eta`` (DDIM only): 1 adds fresh noise every
     step as DDPM does, 0 is deterministic DDIM. ``bf16`` runs the network under bf16 autocast.
+    ``spatial_size`` is the model grid ``(H, W, D)`` the network was trained on; the volumes
+    have ``depth`` slices (default ``D``, any number ``>= m``; ``output_size``), the windows'
+    positions relative to the volume (``common.masks.network.window_position``).
     """
 
     def __init__(
@@ -46,9 +67,17 @@ class MaskPipeline:
         batch_size: int = 4,
         device: str | torch.device = "cpu",
         bf16: bool = False,
+        depth: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.depth = int(spatial_size[2]) if depth is None else int(depth)
+        if self.depth < m:
+            raise DataError(
+                "depth",
+                f"{self.depth} slices is shorter than one window of m={m} slices",
+                f"generate at least {m} slices (depth, or extent_mm at the grid's z spacing)",
+            )
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.scheduler = scheduler
@@ -58,6 +87,11 @@ class MaskPipeline:
         self.keep_largest, self.single_component = bool(keep_largest), list(single_component)
         self.batch_size, self.bf16 = int(batch_size), bool(bf16)
 
+    @property
+    def output_size(self) -> list[int]:
+        """``[H, W, depth]``: the size of the volumes it makes."""
+        return [*self.spatial_size[:2], self.depth]
+
     def __call__(
         self,
         seeds: Sequence[int],
@@ -65,7 +99,7 @@ class MaskPipeline:
         z0: Sequence[int] | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Label volumes ``(len(seeds), H, W, D)`` int64 on the CPU, values ``0..K-1``.
+        """Label volumes ``(len(seeds), H, W, depth)`` int64 on the CPU, values ``0..K-1``.
 
         ``postprocess=False`` returns them as sampled (no ``keep_largest``); ``z0`` fixes each
         volume's first window start instead of drawing it from its seed.
@@ -77,7 +111,7 @@ class MaskPipeline:
                 self.network,
                 self.scheduler,
                 self.num_classes,
-                self.spatial_size,
+                self.output_size,
                 self.m,
                 self.n,
                 self.steps,
@@ -88,10 +122,11 @@ class MaskPipeline:
                 progress=progress,
                 bf16=self.bf16,
                 eta=self.eta,
+                train_depth=self.spatial_size[2],
             )
             if postprocess and self.keep_largest:
                 single = self.single_component
                 volumes = torch.stack([keep_single_components(v, single) for v in volumes])
             out.append(volumes)
-        h, w, d = self.spatial_size
+        h, w, d = self.output_size
         return torch.cat(out) if out else torch.zeros(0, h, w, d, dtype=torch.long)

@@ -3,8 +3,9 @@
 The metric objects are MONAI's (``DiceMetric``, ``HausdorffDistanceMetric``); the evaluator's
 handlers collect per-case values ``(n_cases, K-1)`` (background excluded) in
 ``engine.state.metric_details``. ``summarise`` turns them into per-label means and the overall
-mean; ``markdown_table`` and ``write_results`` lay out a study grid as the paper's tables
-(rows = regimes, columns = networks).
+mean; ``write_metrics`` keeps them with the per-case values; ``markdown_table`` and
+``write_results`` lay out a study as the paper's tables (rows = regimes, columns = networks),
+with the spread over seeds and each regime's difference to E2-1 (``common.seg.statistics``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.metrics import HausdorffDistanceMetric
 
 from common.core.io import atomic_path, write_json
+from common.seg.statistics import bootstrap_difference, case_means, mean_sd
 
 
 def voxel_spacing(y: torch.Tensor) -> list[list[float]] | None:
@@ -79,12 +82,18 @@ def write_metrics(
     """Summarise an evaluator's ``state.metric_details`` into ``out_dir/metrics.{json,csv}``.
 
     ``names`` maps summary names to the evaluator's metric names, e.g.
-    ``{"dice": "val_mean_dice", "hd95": "val_hd95"}``. Returns the summary.
+    ``{"dice": "val_mean_dice", "hd95": "val_hd95"}``. metrics.json also holds the per-case
+    values (``per_case[metric]``: ``(n_cases, K-1)`` lists, in the evaluation's case order).
+    Returns the summary.
     """
     details = {metric: state.metric_details[key] for metric, key in names.items()}
     summary = summarise(details, label_names)
+    per_case = {
+        m: torch.as_tensor(v, dtype=torch.float64).reshape(-1, len(label_names) - 1).tolist()
+        for m, v in details.items()
+    }
     out_dir = Path(out_dir)
-    write_json(summary, out_dir / "metrics.json")
+    write_json({**summary, "per_case": per_case}, out_dir / "metrics.json")
     with atomic_path(out_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["label", *names])
@@ -115,64 +124,163 @@ def summary_table(summary: Mapping) -> str:
 
 
 def markdown_table(
-    cells: Mapping[tuple[str, str], float],
+    cells: Mapping[tuple[str, str], float | str],
     rows: Sequence[str],
     columns: Sequence[str],
     fmt: str = "{:.3f}",
 ) -> str:
     """Markdown table of ``cells[(row, column)]``, e.g. rows = regimes, columns = networks.
 
-    Missing or non-finite cells read ``-``.
+    Numbers are shown with ``fmt``, text as it is; missing or non-finite cells read ``-``.
     """
     lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in rows:
         values = [cells.get((row, column)) for column in columns]
-        shown = ["-" if v is None or not math.isfinite(v) else fmt.format(v) for v in values]
+        shown = [
+            v if isinstance(v, str) else "-" if v is None or not math.isfinite(v) else fmt.format(v)
+            for v in values
+        ]
         lines.append(f"| {row} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
 
+def _mean_sd(mean: float, sd: float, fmt: str = "{:.3f}") -> str:
+    """``mean ± sd`` (the mean alone for one seed); ``-`` when there is no mean."""
+    if not math.isfinite(mean):
+        return "-"
+    return f"{fmt.format(mean)} ± {fmt.format(sd)}" if math.isfinite(sd) else fmt.format(mean)
+
+
+def _interval(d: float, low: float, high: float) -> str:
+    return f"{d:+.3f} [{low:+.3f}, {high:+.3f}]" if math.isfinite(d) else "-"
+
+
+def _steps(runs: Sequence[Mapping]) -> str:
+    """A regime's optimiser steps, e.g. ``240`` or ``360 (240 + 120)`` (its stages); the range
+    over seeds when they differ (early stopping)."""
+    totals = sorted({sum(r["steps"]) for r in runs})
+    shown = str(totals[0]) if len(totals) == 1 else f"{totals[0]}-{totals[-1]}"
+    parts = runs[0]["steps"]
+    return shown + (f" ({' + '.join(map(str, parts))})" if len(parts) > 1 else "")
+
+
+def study_statistics(
+    runs: Sequence[Mapping],
+    regimes: Sequence[str],
+    compared: Sequence[str] = (),
+    reference: str = "E2-1",
+    seed: int = 0,
+) -> dict:
+    """One network's evaluations ``runs`` (``regime``, ``seed``, ``steps``, ``write_metrics``
+    summary) -> ``{regime: {"seeds", "steps", "dice": {label: [mean, sd]}, "hd95": [mean, sd],
+    "difference": {label: [d, low, high]}}}``.
+
+    Labels include ``mean`` (each case's mean over its labels). ``difference``: for each of
+    ``compared``, its Dice minus that of ``reference``, paired by seed and case (a seeded
+    bootstrap, ``seed``).
+    """
+    labels = [k for k in runs[0]["dice"] if k != "mean"]
+    by_regime = {
+        g: sorted((r for r in runs if r["regime"] == g), key=lambda r: r["seed"]) for g in regimes
+    }
+
+    def scores(regime: str) -> dict[str, np.ndarray]:
+        """``{label: (seeds, cases)}`` Dice of a regime."""
+        dice = np.array([r["per_case"]["dice"] for r in by_regime[regime]], dtype=np.float64)
+        return {"mean": case_means(dice), **{k: dice[..., i] for i, k in enumerate(labels)}}
+
+    base = scores(reference) if compared else {}
+    out = {}
+    for regime in regimes:
+        own, evaluated = scores(regime), by_regime[regime]
+        out[regime] = {
+            "seeds": [r["seed"] for r in evaluated],
+            "steps": _steps(evaluated),
+            "dice": {k: list(mean_sd(v)) for k, v in own.items()},
+            "hd95": list(mean_sd([[r["hd95"]["mean"]] for r in evaluated])),
+        }
+        if regime in compared:
+            out[regime]["difference"] = {
+                k: list(bootstrap_difference(v, base[k], seed=seed)) for k, v in own.items()
+            }
+    return out
+
+
+def _network_tables(
+    net: str, stats: Mapping, regimes: Sequence[str], compared: Sequence[str], reference: str
+) -> list[str]:
+    """Markdown lines: a network's steps and Dice per label, then its differences to E2-1."""
+    labels = list(stats[regimes[0]]["dice"])
+    cells = {(g, "steps"): stats[g]["steps"] for g in regimes}
+    cells |= {(g, k): _mean_sd(*stats[g]["dice"][k]) for g in regimes for k in labels}
+    md = [
+        "",
+        f"## {net}: optimiser steps (sum over the regime's stages) and Dice per label",
+        "",
+        markdown_table(cells, regimes, ["steps", *labels]),
+    ]
+    if compared:
+        diffs = {(g, k): _interval(*stats[g]["difference"][k]) for g in compared for k in labels}
+        md += [
+            "",
+            f"## {net}: Dice difference to {reference} with its 95% bootstrap interval "
+            "(test cases and seeds resampled, paired)",
+            "",
+            markdown_table(diffs, compared, labels),
+        ]
+    return md
+
+
 def write_results(
-    results: Mapping[tuple[str, str], dict],
+    runs: Sequence[Mapping],
     regimes: Sequence[str],
     networks: Sequence[str],
     out: Path,
+    compared: Sequence[str] = (),
+    reference: str = "E2-1",
+    seed: int = 0,
 ) -> str:
-    """``results.{csv,json,md}`` of a study grid ``results[(regime, network)]`` (summaries).
+    """``results.{csv,json,md}`` and ``statistics.json`` (``study_statistics`` per network) of
+    a study's evaluations ``runs`` (dicts with ``regime``, ``network``, ``seed``, ``steps``:
+    one count per stage, and a ``write_metrics`` summary).
 
-    Returns the markdown: mean Dice and mean HD95 with rows = regimes, columns = networks (the
-    paper's layout), then Dice per label for each network.
+    Returns the markdown: mean Dice (mean ± sd over seeds) and mean HD95 with rows = regimes,
+    columns = networks (the paper's layout); per network each regime's steps and Dice per
+    label, and the difference of each of ``compared`` to ``reference`` with its 95%
+    bootstrap interval.
     """
     rows = [
-        [network, regime, label, f"{r['dice'][label]:.4f}", f"{r['hd95'][label]:.2f}"]
-        for (regime, network), r in results.items()
+        [r["network"], r["regime"], r["seed"], sum(r["steps"]), label]
+        + [f"{r['dice'][label]:.4f}", f"{r['hd95'][label]:.2f}"]
+        for r in runs
         for label in r["dice"]
     ]
+    header = ["network", "regime", "seed", "steps", "label", "dice", "hd95_mm"]
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([["network", "regime", "label", "dice", "hd95_mm"], *rows])
-    write_json(
-        [{"regime": k[0], "network": k[1], **v} for k, v in results.items()], out / "results.json"
-    )
-
-    def mean(metric: str) -> dict:
-        return {key: r[metric]["mean"] for key, r in results.items()}
-
-    n_test = next(iter(results.values()))["n_cases"]
+        csv.writer(f).writerows([header, *rows])
+    write_json(list(runs), out / "results.json")
+    stats = {
+        net: study_statistics(
+            [r for r in runs if r["network"] == net], regimes, compared, reference, seed
+        )
+        for net in networks
+    }
+    write_json(stats, out / "statistics.json")
+    seeds = len(stats[networks[0]][regimes[0]]["seeds"])
+    dice = {(g, n): _mean_sd(*stats[n][g]["dice"]["mean"]) for n in networks for g in regimes}
+    hd95 = {(g, n): _mean_sd(*stats[n][g]["hd95"], "{:.1f}") for n in networks for g in regimes}
     md = [
-        f"## Mean Dice on {n_test} held-out real cases (background excluded)",
+        f"## Mean Dice on {runs[0]['n_cases']} held-out real cases, {seeds} seed(s) "
+        "(mean ± sd over seeds; background excluded)",
         "",
-        markdown_table(mean("dice"), regimes, networks),
+        markdown_table(dice, regimes, networks),
         "",
         "## Mean HD95 (mm)",
         "",
-        markdown_table(mean("hd95"), regimes, networks, "{:.1f}"),
+        markdown_table(hd95, regimes, networks),
     ]
-    for network in networks:
-        labels = [k for k in results[(regimes[0], network)]["dice"] if k != "mean"]
-        cells = {
-            (g, label): results[(g, network)]["dice"][label] for g in regimes for label in labels
-        }
-        md += ["", f"## Dice per label, {network}", "", markdown_table(cells, regimes, labels)]
+    for net in networks:
+        md += _network_tables(net, stats[net], regimes, compared, reference)
     text = "\n".join(md) + "\n"
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)

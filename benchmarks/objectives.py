@@ -1,0 +1,121 @@
+"""MC-DPM trained with the DDPM objective (noise) vs rectified flow (velocity), side by side.
+
+Both checkpoints train on the same cases with the same preset and budget; each samples the
+same seeds with its own samplers (DDPM-1000, DDIM-20/50 for the noise model; RFlow-10/30 for
+the flow model). Quality is measured on the raw masks (before keep-largest) and after it,
+against held-out real masks nothing trained on; time is seconds per volume on this machine::
+
+    OMP_NUM_THREADS=1 python benchmarks/objectives.py --ddpm N16/models/model.pt \\
+        --rflow RFLOW/models/model.pt --real cohort/heldout.json --volumes 8 --out OUT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+
+from benchmarks import suite
+from common.masks.mcdpm import keep_single_components
+
+SETTINGS = {
+    "ddpm": ("ddpm:1000", "ddim:50", "ddim:20"),
+    "rflow": ("rflow:30", "rflow:10"),
+}
+
+
+def sample_rows(ckpt: str, objective: str, volumes: int, real: tuple) -> list[dict]:
+    """Every sampler of ``objective`` on ``ckpt``: seconds per volume, raw and kept quality."""
+    config = suite.mask_config(sampler=SETTINGS[objective][-1].split(":")[0])
+    pipeline = suite.mask_pipeline(config, ckpt)
+    rows = []
+    for text in SETTINGS[objective]:
+        sampler = suite.Sampler.parse_setting(text, volumes)
+        sampling = suite.with_sampler(pipeline, config, sampler)
+        masks, seconds = suite.sample_timed(sampling, range(volumes))
+        single = pipeline.single_component
+        kept = [keep_single_components(torch.from_numpy(v), single) for v in masks]
+        rows.append(
+            {
+                "objective": objective,
+                "sampler": sampler.name,
+                "s_per_volume": float(np.median(seconds)),
+                "raw": suite.quality(masks, real),
+                "kept": suite.quality([v.numpy() for v in kept], real),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _cell(q: dict, key: str) -> str:
+    sd = q.get(f"{key}_sd")
+    return f"{q[key]:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per sampler, raw and kept quality, seconds and speed-up."""
+    ref = next(r for r in rows if r["sampler"].startswith("DDPM-1000"))
+    keys = suite.QUALITY_KEYS
+    head = ["objective", "sampler", "s / volume", "speed-up vs DDPM-1000"]
+    head += [f"raw {k}" for k in keys] + [f"kept {k}" for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["objective"], r["sampler"], f"{r['s_per_volume']:.1f}"]
+        cells.append(f"{ref['s_per_volume'] / r['s_per_volume']:.0f}x")
+        cells += [_cell(r["raw"], k) for k in keys] + [_cell(r["kept"], k) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    real = ref["raw"]
+    lines.append(
+        f"\nReal held-out masks: components {real['components_real']:.2f}, "
+        f"z-continuity {real['z_continuity_real']:.3f} (W1 0 by definition)."
+    )
+    return "\n".join(lines)
+
+
+def main(
+    ddpm: str,
+    rflow: str,
+    real: str,
+    volumes: int = 8,
+    out: str = "outputs/bench/objectives",
+    objectives: str | tuple = ("ddpm", "rflow"),
+):
+    """Sample each checkpoint into ``OUT/<objective>.json`` (kept on a rerun); once both
+    exist, write ``OUT/objectives.md``. ``--objectives rflow`` runs one side only."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference = suite.real_masks(real)
+    ckpts = {"ddpm": ddpm, "rflow": rflow}
+    todo = objectives.split(",") if isinstance(objectives, str) else objectives
+    for objective in todo:
+        path = out_dir / f"{objective}.json"
+        if path.is_file():
+            continue
+        start = time.time()
+        rows = sample_rows(ckpts[objective], objective, volumes, reference)
+        meta = {
+            "ckpt": ckpts[objective],
+            "real": real,
+            "volumes": volumes,
+            "seeds": list(range(volumes)),
+            "threads": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())),
+            "cpu": platform.processor() or platform.machine(),
+            "seconds": round(time.time() - start),
+        }
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    parts = [out_dir / f"{o}.json" for o in ckpts]
+    if all(p.is_file() for p in parts):
+        rows = [r for p in parts for r in json.loads(p.read_text())["rows"]]
+        (out_dir / "objectives.md").write_text(table(rows) + "\n")
+        print(table(rows))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
