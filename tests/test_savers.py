@@ -222,3 +222,23 @@ def test_paper_projection_arithmetic():
     assert out["train:mcdpm:bf16+flash:2"]["gpu_gib"] == pytest.approx(1 + 8 * 1)
     assert out["train:mcdpm:bf16:2"]["gpu_gib"] == pytest.approx(1 + 8 * (1 + 1))
     assert out["train:mcdpm:bf16:2"]["gpu_s"] == pytest.approx(8 * 1e12 / 1e12)
+
+
+def test_command_line_false_switches_off(tmp_path):
+    """``--resume false`` / ``--keep_largest false`` / ``--refine false`` arrive as the string
+    ``'false'`` (fire), which is truthy: the constructors read them as switches."""
+    from common.core.training import ResumeCheckpoint
+    from common.diffusion.schedulers import make_scheduler
+    from common.images.pipeline import ImagePipeline
+    from common.masks.pipeline import MaskPipeline
+
+    net = torch.nn.Linear(1, 1)
+    assert ResumeCheckpoint(tmp_path, {"model": net}, resume="false").resume is False
+    masks = MaskPipeline(
+        net, make_scheduler("ddim"), 2, (2, 2, 8), 4, 2, 2, keep_largest="false", bf16="false"
+    )
+    assert masks.keep_largest is False and masks.bf16 is False
+    images = ImagePipeline(net, {}, make_scheduler("ddim"), refine="false")
+    assert images.refine is False
+    with pytest.raises(ValueError, match="keep_largest"):
+        MaskPipeline(net, make_scheduler("ddim"), 2, (2, 2, 8), 4, 2, 2, keep_largest="no")

@@ -71,8 +71,11 @@ def _full_disk(real_save):
 
 
 @pytest.mark.parametrize("name", TRAININGS)
-def test_a_failed_checkpoint_write_keeps_the_previous_file(name, tmp_path, monkeypatch):
-    parser = _parser(name, tmp_path)
+def test_a_failed_checkpoint_write_keeps_the_previous_file(
+    name, tmp_path, monkeypatch, tiny_segthor_datalist
+):
+    # the savers record the training cases (provenance), so they read a real datalist
+    parser = _parser(name, tmp_path, dataset_dir=str(tiny_segthor_datalist.parent))
     ids = _saver_ids(parser)
     assert len(ids) == (1 if name == "seg" else 2)  # the final and the best; seg: the best
     for item_id in ids:
@@ -100,7 +103,7 @@ KILLED_WRITER = """
 import sys, torch
 from common.core.bundle_configs import bundle_parser
 parser = bundle_parser(sys.argv[1], ["inference.yaml", "train.yaml"], "tiny", "thorax",
-                       {"bundle_root": sys.argv[2]})
+                       {"bundle_root": sys.argv[2], "dataset_dir": sys.argv[3]})
 handler = parser.get_parsed_content("train#handlers#2")._final_checkpoint.save_handler
 state = {"w": torch.randn(8_000_000)}  # 32 MB: a write takes a while
 for i in range(1000):
@@ -121,13 +124,22 @@ def _partial_file_in(folder: Path, size: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_kill_during_a_checkpoint_write_never_leaves_a_partial_file(tmp_path):
+def test_a_kill_during_a_checkpoint_write_never_leaves_a_partial_file(
+    tmp_path, tiny_segthor_datalist
+):
     """The mask_diffusion final saver, killed with SIGKILL in the middle of its 2nd, 3rd and
     4th write of a 32 MB model.pt."""
     for writes in (2, 3, 4):
         root = tmp_path / str(writes)
         proc = subprocess.Popen(
-            [sys.executable, "-c", KILLED_WRITER, str(BUNDLES / "mask_diffusion"), str(root)],
+            [
+                sys.executable,
+                "-c",
+                KILLED_WRITER,
+                str(BUNDLES / "mask_diffusion"),
+                str(root),
+                str(tiny_segthor_datalist.parent),
+            ],
             cwd=REPO,
             stdout=subprocess.PIPE,
             text=True,

@@ -24,6 +24,7 @@ from common.core.errors import DataError
 from common.core.io import atomic_path, remove_temporaries
 from common.core.lock import claim, release
 from common.core.provenance import TrainingCases, attach_record
+from common.core.savers import as_flag
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class ResumeCheckpoint:
         self.lock = self.path.with_name(f"{name}.lock")
         claim(self.lock)
         self.objects = {k: _checkpointable(v) for k, v in objects.items()}
-        self.resume = resume
+        self.resume = as_flag(resume, "resume")
         self.state: dict | None = None
 
     def attach(self, engine: Engine) -> None:

@@ -54,12 +54,13 @@ class ImagePipeline:
         bf16: bool = False,
         compile: bool = False,
     ):
+        refine = as_flag(refine, "refine")
         if refine and not refiners:
             raise ValueError("refine=True needs refiners {view: network}")
         self.generator, self.refiners, self.scheduler = generator.eval(), dict(refiners), scheduler
         compile_networks(self.refiners.values(), compile)
         self.t0, self.guidance, self.steps = int(t0), float(guidance), int(steps)
-        self.slice_batch, self.refine = int(slice_batch), bool(refine)
+        self.slice_batch, self.refine = int(slice_batch), refine
         self.bf16 = as_flag(bf16, "bf16")
 
     @classmethod
@@ -76,6 +77,7 @@ class ImagePipeline:
         """The pipeline with ``ckpt_dir/model.pt`` (the model zoo's name) in ``generator`` and
         ``ckpt_dir/refiner_<view>.pt`` in a copy of ``refiner`` per view (not read when
         ``refine`` is False), on ``device``; ``settings`` go to the constructor."""
+        refine = as_flag(refine, "refine")
         generator = load_weights(generator, Path(ckpt_dir) / "model.pt").to(device)
         refiners = load_view_models(refiner, ckpt_dir, views, device) if refine else {}
         return cls(generator, refiners, refine=refine, **settings)

@@ -11,6 +11,7 @@ import torch
 from monai.networks.schedulers import Scheduler
 
 from common.core.errors import DataError
+from common.core.savers import as_flag
 from common.data.labels import LabelSet
 from common.masks.mcdpm import keep_single_components, sample_mask_volumes
 
@@ -84,8 +85,9 @@ class MaskPipeline:
         self.num_classes, self.m, self.n = int(num_classes), int(m), int(n)
         self.spatial_size = [int(s) for s in spatial_size]
         self.steps, self.guidance, self.eta = int(steps), float(guidance), float(eta)
-        self.keep_largest, self.single_component = bool(keep_largest), list(single_component)
-        self.batch_size, self.bf16 = int(batch_size), bool(bf16)
+        self.keep_largest = as_flag(keep_largest, "keep_largest")
+        self.single_component = list(single_component)
+        self.batch_size, self.bf16 = int(batch_size), as_flag(bf16, "bf16")
 
     @property
     def output_size(self) -> list[int]:
