@@ -24,25 +24,15 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from benchmarks.run import cpu_bf16
 from common.core.bundle_configs import bundle_parser
 from common.core.savers import autocast
 from medgen3d.bundles import BUNDLES
 
 WINDOW = {"spatial_size": [64, 64, 64], "m": 16}  # a 64 x 64 x 16 window
-
-
-def cpu_flags() -> str:
-    """The bf16 instruction sets ``/proc/cpuinfo`` lists (``avx512_bf16``, ``amx_bf16``)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
-    found = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return ", ".join(found) or "none"
 
 
 def cases(slices: int) -> dict[str, tuple[torch.nn.Module, Callable[[], tuple]]]:
@@ -140,7 +130,7 @@ def main(argv=None) -> list[dict]:
     load0 = os.getloadavg()
     print(
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"bf16 instructions: {cpu_flags()}; torch {torch.__version__}",
+        f"bf16 instructions: {cpu_bf16()}; torch {torch.__version__}",
         flush=True,
     )
     rows = measure(args)

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
         ),
         "load_start": os.getloadavg(),
         "quick": args.quick,
-        "cpu_bf16": _cpu_bf16(),
+        "cpu_bf16": cpu_bf16(),
     }
     start = time.perf_counter()
     memory: dict = {}
@@ -180,7 +180,7 @@ def default_sampler(args: argparse.Namespace) -> suite.Sampler:
     return dataclasses.replace(default, volumes=args.batch_volumes)
 
 
-def _cpu_bf16() -> str:
+def cpu_bf16() -> str:
     """The CPU's bf16 instruction sets (Linux), ``none`` or ``unknown``."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())

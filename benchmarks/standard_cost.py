@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from benchmarks.run import _cpu_bf16
+from benchmarks.run import cpu_bf16
 from common.core.bundle_configs import bundle_parser
 from common.data.datalists import datalist_label_set, read_datalist, write_datalist
 from common.images.refiner import VIEWS, start_timestep
@@ -269,7 +269,7 @@ def main(argv=None) -> list[dict]:
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.is_file() else []
     cpu = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "?")
-    print(f"CPU {cpu}; bf16 instructions: {_cpu_bf16()}; torch {torch.__version__}, ", end="")
+    print(f"CPU {cpu}; bf16 instructions: {cpu_bf16()}; torch {torch.__version__}, ", end="")
     print(f"{torch.get_num_threads()} thread(s); {args.scale} preset, {args.dataset}\n")
     print(
         "| stage | width | precision | params (M) | train CPU s/iter (wall) | iterations | "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from common.core.io import save_nifti
 
@@ -56,3 +57,13 @@ def tiny_segthor_datalist(tmp_path_factory):
             {"image": out / "imagesTr" / f"c{i}.nii.gz", "label": out / "labelsTr" / f"c{i}.nii.gz"}
         )
     return write_datalist(out / "datalist.json", cases, load_label_set("segthor"), "CT", "tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to thread contention on a busy machine
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

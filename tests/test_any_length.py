@@ -28,12 +28,7 @@ from medgen3d.bundles import bundle_config
 MASKS = REPO / "bundles" / "mask_diffusion"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_position_embedding_is_the_lookup_at_integers_and_interpolates_between():

@@ -30,13 +30,7 @@ def _eps(kind: str):
     return make_scheduler(kind, prediction_type="epsilon")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and immune to thread contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConstantNoise(nn.Module):
