@@ -13,6 +13,7 @@ from common.images.sequence_generator import (
     feature_matching,
     generate_volume,
     generator_in_channels,
+    label_balanced_l1,
     own_output_probability,
     pair_input,
     patch_discriminator,
@@ -145,6 +146,18 @@ def test_feature_matching_is_zero_for_equal_features():
     assert feature_matching(other, feats).item() == pytest.approx(1 / 3)
 
 
+def test_label_balanced_l1_weighs_every_present_label_the_same():
+    onehot = torch.zeros(1, K, 4, 4, 1)
+    onehot[:, 0] = 1
+    onehot[:, 0, 0, 0], onehot[:, 1, 0, 0] = 0, 1  # label 1: one voxel of 16; label 2 absent
+    real = torch.zeros(1, 1, 4, 4, 1)
+    fake = real.clone()
+    fake[..., 0, 0, :] = 1.5  # wrong on the thin label only
+    # plain L1 dilutes that voxel's error 16-fold; label-balanced L1 averages labels 0 and 1
+    assert torch.nn.functional.l1_loss(fake, real).item() == pytest.approx(1.5 / 16)
+    assert label_balanced_l1(fake, real, onehot).item() == pytest.approx((0 + 1.5) / 2)
+
+
 def _trainer(steps, **kwargs):
     torch.manual_seed(0)
     length = 4
@@ -177,7 +190,7 @@ def test_trainer_steps_give_finite_losses_and_update_all_networks():
     )
     trainer.run()
     out = trainer.state.output
-    assert set(out) == {"loss", "g_l1", "g_adv", "g_fm", "d_loss", "p_own"}
+    assert set(out) == {"loss", "g_l1", "g_label_l1", "g_adv", "g_fm", "d_loss", "p_own"}
     assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
     assert out["p_own"] == 0.5 and l1[-1] < l1[0]
     for net, old in zip((gen, *discs), before):

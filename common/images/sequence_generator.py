@@ -271,6 +271,19 @@ def feature_matching(
     return torch.stack(terms).mean()
 
 
+def label_balanced_l1(fake: torch.Tensor, real: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Mean over the labels present of each label's mean ``|fake - real|``.
+
+    ``fake``, ``real (B, 1, H, W, L)``, ``onehot (B, K, H, W, L)`` {0, 1} masks of the same
+    slices. Every label counts the same however few voxels it has, so a thin organ's
+    intensity weighs as much as the background's (plain L1 weighs it by its voxel share).
+    """
+    error = (fake - real).abs()
+    voxels = onehot.sum(dim=(0, 2, 3, 4))
+    per_label = (error * onehot).sum(dim=(0, 2, 3, 4)) / voxels.clamp(min=1)
+    return per_label[voxels > 0].mean()
+
+
 def _requires_grad(nets: Sequence[nn.Module], flag: bool) -> None:
     for net in nets:
         net.requires_grad_(flag)
@@ -288,11 +301,12 @@ class SequenceGanTrainer(Trainer):
     holds windows whose first ``CONTEXT`` slices are predecessors (zeros before the volume).
     One iteration: blank a window's context with probability ``p_restart`` (the volume start,
     where inference begins); unroll the generator over the ``L`` slices with teacher forcing
-    (``own_output_probability``); update it with ``l1_weight * L1 + adv_weight * LSGAN +
-    fm_weight * feature matching``; update both discriminators with LSGAN on real vs detached
-    fake. Output: the scalar losses and ``p_own``. Networks may be DDP-wrapped (torchrun);
-    rank ``r`` draws from ``seed + r``. ``bf16``: the networks' forward passes run under bf16
-    autocast, the losses and the weights stay float32.
+    (``own_output_probability``); update it with ``l1_weight * L1 + label_l1_weight *
+    label_balanced_l1 + adv_weight * LSGAN + fm_weight * feature matching``; update both
+    discriminators with LSGAN on real vs detached fake. Output: the scalar losses and
+    ``p_own``. Networks may be DDP-wrapped (torchrun); rank ``r`` draws from ``seed + r``.
+    ``bf16``: the networks' forward passes run under bf16 autocast, the losses and the
+    weights stay float32.
     """
 
     def __init__(
@@ -308,6 +322,7 @@ class SequenceGanTrainer(Trainer):
         l1_weight: float = 10.0,
         adv_weight: float = 1.0,
         fm_weight: float = 10.0,
+        label_l1_weight: float = 0.0,
         teacher_forcing_epochs: int = 50,
         p_own_max: float = 1.0,
         p_restart: float = 0.2,
@@ -333,6 +348,7 @@ class SequenceGanTrainer(Trainer):
         self.generator, self.g_optimizer, self.d_optimizer = generator, g_optimizer, d_optimizer
         self.discriminators = (image_discriminator, temporal_discriminator)
         self.l1_weight, self.adv_weight, self.fm_weight = l1_weight, adv_weight, fm_weight
+        self.label_l1_weight = float(label_l1_weight)
         self.teacher_forcing_epochs, self.p_own_max = int(teacher_forcing_epochs), float(p_own_max)
         self.p_restart, self.bf16 = float(p_restart), as_flag(bf16, "bf16")
         self.rng = torch.Generator().manual_seed(rank_seed(seed))
@@ -379,6 +395,7 @@ class SequenceGanTrainer(Trainer):
         """One generator update: ``fake``, ``real (B, 1, H, W, L)``; returns the loss terms."""
         _requires_grad(self.discriminators, False)
         l1 = torch.nn.functional.l1_loss(fake, real)
+        label_l1 = label_balanced_l1(fake, real, masks[..., CONTEXT:])
         adv, fm = fake.new_zeros(()), fake.new_zeros(())
         for d, f_in, r_in in zip(self.discriminators, self._disc_inputs(masks, fake_seq), real_in):
             with autocast(fake.device, self.bf16):  # the losses autocast to float32
@@ -387,12 +404,23 @@ class SequenceGanTrainer(Trainer):
                     _, r_feat = _local(d)(r_in)
                 adv = adv + self.adversarial(f_out, target_is_real=True, for_discriminator=False)
                 fm = fm + feature_matching(f_feat, r_feat)
-        loss = require_finite(self.l1_weight * l1 + self.adv_weight * adv + self.fm_weight * fm)
+        loss = require_finite(
+            self.l1_weight * l1
+            + self.label_l1_weight * label_l1
+            + self.adv_weight * adv
+            + self.fm_weight * fm
+        )
         self.g_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.g_optimizer.step()
         _requires_grad(self.discriminators, True)
-        return {"loss": loss.item(), "g_l1": l1.item(), "g_adv": adv.item(), "g_fm": fm.item()}
+        return {
+            "loss": loss.item(),
+            "g_l1": l1.item(),
+            "g_label_l1": label_l1.item(),
+            "g_adv": adv.item(),
+            "g_fm": fm.item(),
+        }
 
     def _discriminator_step(self, fake_in: tuple, real_in: tuple) -> float:
         """One update of both discriminators: LSGAN, real -> 1, detached fake -> 0."""
