@@ -1,18 +1,23 @@
 """The z framings of common.data.transforms: ``field_of_view`` keeps the grid spacing along z,
 centres the D slices on the labels, pads or crops scans shorter or longer than the grid and
-inverts; segmentation inference slides windows along a scan longer than the grid."""
+inverts; segmentation training moves that window along z at random; segmentation inference
+slides windows along a scan longer than the grid."""
 
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose
+from monai.transforms import Compose, Randomizable
 
 from common.core.bundle_configs import bundle_parser
 from common.core.io import save_nifti
 from common.data.transforms import (
+    FRAMINGS,
+    RandZWindowd,
+    ZWindowd,
     grid_pixdim,
     image_transforms,
     invert_image,
+    random_z_window,
     volume_transforms,
 )
 from medgen3d.bundles import BUNDLES
@@ -164,3 +169,112 @@ def test_seg_inference_slides_along_a_scan_longer_than_the_grid(tmp_path, slices
     assert tuple(out.shape) == (1, 40, 36, slices)
     np.testing.assert_allclose(out.affine.numpy(), affine, atol=1e-4)
     assert (tmp_path / "labels" / "scan_seg.nii.gz").is_file()
+
+
+def window_start(out, pair) -> int:
+    """Source slice index of a framed case's first slice (negative: padded below the scan)."""
+    src = pair["affine"]
+    return round((world_z(out["image"].affine.numpy(), 0) - src[2, 3]) / src[2, 2])
+
+
+def assert_aligned_and_padded(out, pair, labelled: slice):
+    """Each slice of the window is the source slice at its world z (image HU and label), or
+    air (-1) and background (0) past the scan's ends."""
+    image, label, slices = out["image"], out["label"], pair["array"].shape[-1]
+    for k in range(image.shape[-1]):
+        source_k = window_start(out, pair) + k
+        if 0 <= source_k < slices:
+            assert image[0, 8, 8, k] * 1000 == pytest.approx(-800 + 10 * source_k, abs=6)
+            assert bool(label[..., k].any()) == (labelled.start <= source_k < labelled.stop)
+        else:
+            assert torch.all(image[..., k] == -1) and torch.all(label[..., k] == 0)
+
+
+@pytest.mark.parametrize("labelled", [slice(30, 42), slice(2, 8), slice(72, 80)])
+def test_training_moves_the_window_along_z_reproducibly(tmp_path, labelled):
+    """80 slices at 5 mm, a 16-slice grid, shifts up to 7 slices: the window lands at many
+    offsets around the centred one, the same for the same seed, image and label move together,
+    and past the scan's ends it is padded as the centred window is (air, background)."""
+    pair = write_pair(tmp_path, (16, 16, 80), (4.0, 4.0, 5.0), labelled)
+    chain = volume_transforms(pixdim=(4.0, 4.0, 5.0), spatial_size=(16, 16, 16), **FOV)
+    centred = chain(dict(pair))
+    train = random_z_window(chain, 7)
+    window = next(t for t in train.transforms if isinstance(t, RandZWindowd))
+    starts = {}
+    for seed in range(24):
+        out = train.set_random_state(seed)(dict(pair))
+        again = train.set_random_state(seed)(dict(pair))
+        assert all(torch.equal(out[k], again[k]) for k in ("image", "label"))
+        assert out["image"].shape == out["label"].shape == (1, 16, 16, 16)
+        assert_aligned_and_padded(out, pair, labelled)
+        starts[seed] = window_start(out, pair) - window_start(centred, pair)
+        assert starts[seed] == window.shift
+        if window.shift == 0:  # no shift: the centred window bit for bit
+            assert torch.equal(out["image"], centred["image"])
+            assert torch.equal(out["label"], centred["label"])
+    assert set(starts.values()) <= set(range(-7, 8)) and len(set(starts.values())) >= 8
+
+
+def test_a_training_window_always_holds_the_labels_middle(tmp_path):
+    """The largest shift, (D - 1) // 2, keeps a one-slice label at the scan's last slice in the
+    window; a larger one is refused."""
+    pair = write_pair(tmp_path, (16, 16, 40), (4.0, 4.0, 5.0), slice(39, 40))
+    chain = volume_transforms(pixdim=(4.0, 4.0, 5.0), spatial_size=(16, 16, 16), **FOV)
+    train = random_z_window(chain, 7)
+    shifts = set()
+    for seed in range(40):
+        out = train.set_random_state(seed)(dict(pair))
+        shifts.add(next(t.shift for t in train.transforms if isinstance(t, RandZWindowd)))
+        assert len(labelled_slices(out["label"])) == 1
+    assert 7 in shifts  # the window starting on the labelled slice
+    with pytest.raises(ValueError, match="z_shift_max must be in 0..7"):
+        random_z_window(chain, 8)
+
+
+def test_labelled_range_training_is_unchanged(tmp_path):
+    """No window to move: z_shift_max 0 keeps the chain's own deterministic transforms (the
+    shipped weights' framing), a shift is refused; z_shift_max 0 under field_of_view too."""
+    pair = write_pair(tmp_path, (20, 20, 40), (2.0, 2.0, 3.0), slice(10, 30))
+    for framing in FRAMINGS:
+        chain = volume_transforms(
+            "CT", (4.0, 4.0, 5.0), (8, 8, 16), 3, z_framing=framing, one_hot=True
+        )
+        train = random_z_window(chain, 0)
+        assert train.transforms == chain.transforms
+        assert not any(isinstance(t, Randomizable) for t in train.transforms)
+        ref, out = chain(dict(pair)), train(dict(pair))
+        assert torch.equal(ref["image"], out["image"]) and torch.equal(ref["label"], out["label"])
+    with pytest.raises(ValueError, match="with z_framing labelled_range set it to 0"):
+        random_z_window(volume_transforms("CT", (4.0, 4.0, 5.0), (8, 8, 16), 3), 3)
+
+
+@pytest.mark.parametrize("scale", [None, "tiny", "demo"])
+def test_seg_training_keeps_the_labelled_range_framing_of_the_small_scales(tmp_path, scale):
+    """The base, tiny and demo seg configs (the shipped weights) train on exactly what
+    volume_transforms gives: no random window, bit for bit."""
+    pair = write_pair(tmp_path, (20, 20, 40), (4.0, 4.0, 5.0), slice(10, 30))
+    parser = bundle_parser(BUNDLES / "seg_downstream", ["train.yaml"], scale, None)
+    assert (parser["z_framing"], parser["z_shift_max"]) == ("labelled_range", 0)
+    train = parser.get_parsed_content("train#transforms")
+    assert not any(isinstance(t, ZWindowd) for t in train.transforms)
+    ref = parser.get_parsed_content("volume_transforms")(dict(pair))
+    out = train(dict(pair))
+    assert torch.equal(ref["image"], out["image"]) and torch.equal(ref["label"], out["label"])
+
+
+def test_standard_seg_training_moves_the_window_and_validation_keeps_it_centred(tmp_path):
+    """standard (field_of_view): training windows up to 31 slices off the centred one;
+    validation and evaluation (volume_transforms) the centred window, as before."""
+    pair = write_pair(tmp_path, (16, 16, 120), (20.0, 20.0, 5.0), slice(40, 70))
+    parser = bundle_parser(BUNDLES / "seg_downstream", ["train.yaml"], "standard", "thorax")
+    assert parser["z_shift_max"] == 31
+    train = parser.get_parsed_content("train#transforms")
+    assert [t.shift_max for t in train.transforms if isinstance(t, RandZWindowd)] == [31]
+    assert parser["validate#dataset#transform"] == "@volume_transforms"
+    validate = parser.get_parsed_content("volume_transforms")
+    assert not any(isinstance(t, Randomizable) for t in validate.transforms)
+    firsts = set()
+    for seed in range(6):
+        firsts.add(int(labelled_slices(train.set_random_state(seed)(dict(pair))["label"])[0]))
+        assert int(labelled_slices(validate(dict(pair))["label"])[0]) == 17  # (64 - 30) / 2
+    assert len(firsts) > 1

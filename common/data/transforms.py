@@ -7,7 +7,8 @@ Chain (dictionary transforms, keys ``image`` and ``label``), in one of two z fra
     labelled_range: -> crop to the labelled z-range +- ``z_margin`` -> intensity to [-1, 1]
                     -> resize z to D (a slice index is a relative anatomical position)
     field_of_view:  -> intensity to [-1, 1] -> the D slices centred on the labelled z-range,
-                    padded past the scan's ends (every axis keeps the grid spacing ``pixdim``)
+                    padded past the scan's ends (every axis keeps the grid spacing ``pixdim``);
+                    for training, ``random_z_window`` shifts them by a random number of slices
     -> pad/crop H, W -> optional one-hot label
 
 Intensity: CT window / MRI percentiles. Every spatial step and the intensity step are
@@ -39,6 +40,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     Pad,
+    Randomizable,
     Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
@@ -114,6 +116,52 @@ class ZWindowd(MapTransform, InvertibleTransform):
         for key in self.key_iterator(d):
             d[key] = self.cropper.inverse(self.padder.inverse(d[key]))
         return d
+
+
+class RandZWindowd(ZWindowd, Randomizable):
+    """``ZWindowd``'s window moved by a random number of slices in ``[-shift_max, shift_max]``.
+
+    ``(C, H, W, Z)`` -> ``(C, H, W, depth)``, padded past the scan's ends as ``ZWindowd`` pads;
+    ``shift_max <= (depth - 1) // 2`` keeps the labelled z-range's middle slice (the scan's
+    middle slice without labels) in the window, so a window always holds part of the scan.
+    Seeded through MONAI's ``set_random_state`` (``Compose`` does it from ``set_determinism``).
+    """
+
+    def __init__(self, keys, depth: int, source_key: str, value=0.0, shift_max: int = 0):
+        super().__init__(keys, depth, source_key, value)
+        if not 0 <= int(shift_max) <= (self.depth - 1) // 2:
+            raise ValueError(f"z_shift_max must be in 0..{(self.depth - 1) // 2}: (D - 1) // 2")
+        self.shift_max, self.shift = int(shift_max), 0
+
+    def randomize(self, data=None) -> None:
+        self.shift = int(self.R.randint(-self.shift_max, self.shift_max + 1))
+
+    def start(self, data: Mapping[Hashable, torch.Tensor], slices: int) -> int:
+        return super().start(data, slices) + self.shift
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]):
+        self.randomize()
+        return super().__call__(data)
+
+
+def random_z_window(transforms: Compose, z_shift_max: int) -> Compose:
+    """The training chain: ``volume_transforms``' chain with its ``ZWindowd`` (``field_of_view``)
+    replaced by a ``RandZWindowd`` shifting it up to ``z_shift_max`` slices either way.
+
+    ``z_shift_max`` 0 returns the chain's own transforms (deterministic); ``labelled_range``
+    has no window to shift, so it needs 0.
+    """
+    steps = list(transforms.flatten().transforms)
+    windows = [k for k, t in enumerate(steps) if type(t) is ZWindowd] if z_shift_max else []
+    if z_shift_max and not windows:
+        raise ValueError(
+            f"z_shift_max {z_shift_max} shifts the field_of_view window; "
+            "with z_framing labelled_range set it to 0"
+        )
+    for k in windows:
+        w = steps[k]
+        steps[k] = RandZWindowd(w.keys, w.depth, w.source_key, w.values, z_shift_max)
+    return Compose(steps)
 
 
 class OwnKeysSpacingd(Spacingd):
