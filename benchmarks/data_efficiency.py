@@ -167,7 +167,9 @@ def main(
     """Run (or resume) the curve for ``sizes`` real cases (``--sizes 4,8``) into ``out``;
     ``--stage generators`` trains only. Writes OUT/data_efficiency.md and .png."""
     out = Path(out)
-    train, heldout = make_cohort("thorax", out, COHORT_CASES, HELDOUT, COHORT_SEED)
+    train, heldout = out / "cohort" / "train.json", out / "cohort" / "heldout.json"
+    if not (train.is_file() and heldout.is_file()):  # a rerun keeps what the stages trained on
+        train, heldout = make_cohort("thorax", out, COHORT_CASES, HELDOUT, COHORT_SEED)
     sizes = sizes if isinstance(sizes, (tuple, list)) else (sizes,)
     rows = {}
     for n in (int(s) for s in sizes):

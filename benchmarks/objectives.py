@@ -6,7 +6,8 @@ the flow model). Quality is measured on the raw masks (before keep-largest) and 
 against held-out real masks nothing trained on; time is seconds per volume on this machine::
 
     OMP_NUM_THREADS=1 python benchmarks/objectives.py --ddpm N16/models/model.pt \\
-        --rflow RFLOW/models/model.pt --real cohort/heldout.json --volumes 8 --out OUT
+        --rflow RFLOW/models/model.pt --real cohort/heldout.json --volumes 8 --out OUT \\
+        [--scale standard]
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ SETTINGS = {
 }
 
 
-def sample_rows(ckpt: str, objective: str, volumes: int, real: tuple) -> list[dict]:
-    """Every sampler of ``objective`` on ``ckpt``: seconds per volume, raw and kept quality."""
-    config = suite.mask_config(sampler=SETTINGS[objective][-1].split(":")[0])
+def sample_rows(
+    ckpt: str, objective: str, volumes: int, real: tuple, scale: str = "demo"
+) -> list[dict]:
+    """Every sampler of ``objective`` on ``ckpt`` (trained at ``scale``): seconds per volume,
+    raw and kept quality."""
+    config = suite.mask_config(scale, sampler=SETTINGS[objective][-1].split(":")[0])
     pipeline = suite.mask_pipeline(config, ckpt)
     rows = []
     for text in SETTINGS[objective]:
@@ -80,28 +84,33 @@ def table(rows: list[dict]) -> str:
 
 
 def main(
-    ddpm: str,
-    rflow: str,
     real: str,
+    ddpm: str | None = None,
+    rflow: str | None = None,
     volumes: int = 8,
     out: str = "outputs/bench/objectives",
     objectives: str | tuple = ("ddpm", "rflow"),
+    scale: str = "demo",
 ):
-    """Sample each checkpoint into ``OUT/<objective>.json`` (kept on a rerun); once both
-    exist, write ``OUT/objectives.md``. ``--objectives rflow`` runs one side only."""
+    """Sample each checkpoint (trained at ``scale``) into ``OUT/<objective>.json`` (kept on
+    a rerun); once both exist, write ``OUT/objectives.md``. ``--objectives rflow`` runs one
+    side only."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    reference = suite.real_masks(real)
+    reference = suite.real_masks(real, scale)
     ckpts = {"ddpm": ddpm, "rflow": rflow}
     todo = objectives.split(",") if isinstance(objectives, str) else objectives
     for objective in todo:
         path = out_dir / f"{objective}.json"
         if path.is_file():
             continue
+        if ckpts[objective] is None:
+            raise SystemExit(f"--{objective} CKPT is needed to sample the {objective} side")
         start = time.time()
-        rows = sample_rows(ckpts[objective], objective, volumes, reference)
+        rows = sample_rows(ckpts[objective], objective, volumes, reference, scale)
         meta = {
             "ckpt": ckpts[objective],
+            "scale": scale,
             "real": real,
             "volumes": volumes,
             "seeds": list(range(volumes)),

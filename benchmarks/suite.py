@@ -192,10 +192,12 @@ def sample_timed(
     return volumes, seconds
 
 
-def real_masks(datalist: str | Path) -> tuple[list[np.ndarray], LabelSet, list]:
-    """The datalist's real label volumes on the mask model's grid (as the bundle evaluates),
-    its label set and the grid's voxel size in mm."""
-    config = mask_config()
+def real_masks(
+    datalist: str | Path, scale: str = "demo"
+) -> tuple[list[np.ndarray], LabelSet, list]:
+    """The datalist's real label volumes on the mask model's grid at ``scale`` (as the bundle
+    evaluates), its label set and the grid's voxel size in mm."""
+    config = mask_config(scale)
     preprocessing = config.get_parsed_content("preprocessing")
     doc = read_datalist(datalist)
     masks = [
