@@ -318,6 +318,26 @@ def export(bundle: str, out: str = "outputs/export") -> str:
     return f"{folder}\n{archive}"
 
 
+def store_half(src: str, dst: str | None = None, dtype: str = "float16") -> str:
+    """Rewrite checkpoint SRC with its floating-point tensors stored in float16 (half the size);
+    networks still load it as float32. Refuses a tensor that float16 cannot hold.
+
+    Args:
+        src: a checkpoint (.pt): a state dict or a nested one ({"model": ...}).
+        dst: where to write (default: SRC itself, replaced atomically).
+        dtype: float16, or bfloat16 (float32's range, less precision).
+    """
+    from common.core.storage import store_half as store
+
+    s = store(src, dst, dtype)
+    return (
+        f"{s['dst']}: {dtype}, {s['bytes_before'] / 1e6:.3f} MB -> {s['bytes_after'] / 1e6:.3f}"
+        f" MB ({s['bytes_after'] / s['bytes_before']:.0%}), {s['tensors']} tensors converted\n"
+        f"largest change {s['max_abs_change']:.2g} absolute, {s['max_rel_change']:.2g} of its "
+        f"tensor's largest value ({s['worst'] or 'none'})"
+    )
+
+
 COMMANDS = {
     "demo": demo,
     "demo-data": demo_data,
@@ -330,6 +350,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "agreement": agreement,
     "export": export,
+    "store-half": store_half,
 }
 
 

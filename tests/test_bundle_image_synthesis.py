@@ -99,7 +99,7 @@ def test_base_config_alone_synthesises_from_the_bundle_root(tiny_segthor_datalis
     )
     doc = json.loads((out / "datalist.json").read_text())
     assert len(doc["training"]) == 1 and doc["refined"] is True
-    assert (doc["t0"], doc["guidance"], doc["steps"]) == (10, 1.5, 100)
+    assert (doc["t0"], doc["guidance"], doc["steps"]) == (10, 3.0, 100)
     image = nib.load(out / doc["training"][0]["image"])
     assert image.shape == (40, 40, 24)
 

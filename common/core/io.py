@@ -222,7 +222,7 @@ def weights_fingerprint(network: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_checkpoint(path: Path, fix: str):
+def read_checkpoint(path: Path, fix: str):
     """``torch.load(path, weights_only=True)`` on the CPU; a folder, a link loop, a broken
     link or an unreadable file raises DataError naming ``path`` with ``fix``."""
     check_file(path)
@@ -243,7 +243,7 @@ def load_weights(network: torch.nn.Module, path: str | Path, key: str = "model")
         raise DataError(
             str(path), "checkpoint not found", "train the bundle first or set ckpt_path"
         )
-    state = _read_checkpoint(path, "re-train or re-download")
+    state = read_checkpoint(path, "re-train or re-download")
     if isinstance(state, dict) and key in state and isinstance(state[key], dict):
         state = state[key]
     own = network.state_dict()
@@ -281,7 +281,7 @@ def start_from(network: torch.nn.Module, ckpt: str | Path = "") -> torch.nn.Modu
     path = Path(ckpt)
     if not path.is_file():
         raise DataError(str(path), "checkpoint to start from not found", "train that stage first")
-    state = _read_checkpoint(path, "re-train that stage")
+    state = read_checkpoint(path, "re-train that stage")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     _, loaded, fresh = copy_model_state(network, state)
