@@ -215,14 +215,18 @@ def demo(
     OUT/report.md with tables, timings and figures.
 
     Args:
-        dataset: ``thorax`` (shipped weights, minutes) or ``brain`` (needs --train).
+        dataset: ``thorax`` (shipped weights, minutes) or ``brain`` (needs --train or
+            --weights).
         out: output folder; a rerun keeps finished volumes and study stages.
-        train: first retrain every generator stage at the demo scale (about 80 min on
+        train: first retrain every generator stage at the scale (demo: about 80 min on
             2 CPU cores for the thorax).
         n: synthetic pairs to generate.
         seed: cohort and generation seed.
-        options: cases, heldout, sampler, steps, epochs (generator training),
-            seg_iterations (optimiser steps of each segmentation training), seeds (default 3),
+        options: scale (every stage's presets: demo, the default and the shipped weights'
+            32^3; standard, 64^3; or tiny), weights (a folder of generator weights trained
+            at that scale, laid out as --train writes OUT/models), cases, heldout, sampler,
+            steps, epochs (generator training), seg_iterations (optimiser steps of each
+            segmentation training; default: the scale preset's), seeds (default 3),
             seg_regimes (default E2-1,E2-3).
     Returns the path of the report.
     """

@@ -25,7 +25,7 @@ from medgen3d.demo_data import make_demo_cohort
 from medgen3d.pairs import generate_pairs
 
 DATASETS = ("thorax", "brain")
-SCALE = "demo"
+SCALE = "demo"  # the default scale: the shipped weights'
 VIEWS = ("axial", "coronal", "sagittal")
 EPOCH_KEYS = {"masks": "max_epochs", "generator": "gen_max_epochs", "refiner": "sdm_max_epochs"}
 
@@ -60,29 +60,66 @@ class Weights:
     source: str
 
 
-def shipped_weights(dataset: str) -> Weights:
-    """The bundles' own ``models/`` (thorax demo weights); other datasets need ``--train``."""
-    mask_ckpt = BUNDLES / "mask_diffusion" / "models" / "model.pt"
-    image_models = BUNDLES / "image_synthesis" / "models"
-    needed = [mask_ckpt, image_models / "model.pt"]
-    needed += [image_models / f"refiner_{v}.pt" for v in VIEWS]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if dataset != "thorax" or missing:
+def _missing(weights: Weights, scale: str, dataset: str) -> list[str]:
+    """The files of ``weights`` that the generation at ``scale`` reads and that do not exist:
+    the MC-DPM checkpoint, the sequence generator and a refiner per view of the preset."""
+    views = bundle_config("image_synthesis", scale, dataset).get_parsed_content("sdm_views")
+    needed = [weights.mask_ckpt, weights.image_models / "model.pt"]
+    needed += [weights.image_models / f"refiner_{v}.pt" for v in views]
+    return [str(p) for p in needed if not p.is_file()]
+
+
+def shipped_weights(dataset: str, scale: str) -> Weights:
+    """The bundles' own ``models/`` (thorax, demo scale); others need ``--train`` or
+    ``--weights``."""
+    weights = Weights(
+        BUNDLES / "mask_diffusion" / "models" / "model.pt",
+        BUNDLES / "image_synthesis" / "models",
+        "shipped demo weights (bundles/*/models)",
+    )
+    missing = _missing(weights, scale, dataset)
+    if dataset != "thorax" or scale != SCALE or missing:
         raise DataError(
-            ", ".join(missing) or f"{dataset} demo",
-            "no shipped weights for this dataset (only the thorax demo weights ship)",
-            "add --train to train every generator stage first (see README for the time)",
+            ", ".join(missing) or f"{dataset} demo at the {scale} scale",
+            f"no shipped weights for it (only the thorax weights at the {SCALE} scale ship)",
+            "add --train to train every generator stage first (see README for the time), or "
+            "--weights DIR with weights trained at this scale",
         )
-    return Weights(mask_ckpt, image_models, "shipped demo weights (bundles/*/models)")
+    return weights
+
+
+def given_weights(folder: str | Path, scale: str, dataset: str) -> Weights:
+    """Weights trained before, in ``folder`` as ``train_generators`` writes them:
+    ``mask_diffusion/models/model.pt`` and ``image_synthesis/models/`` (``model.pt``, the
+    sequence generator, and ``refiner_<view>.pt`` for each view of the scale's preset)."""
+    folder = Path(folder).absolute()
+    weights = Weights(
+        folder / "mask_diffusion" / "models" / "model.pt",
+        folder / "image_synthesis" / "models",
+        f"given weights ({folder})",
+    )
+    missing = _missing(weights, scale, dataset)
+    if missing:
+        raise DataError(
+            ", ".join(missing),
+            "--weights: checkpoint not found",
+            "pass a folder laid out as `medgen3d demo --train` writes OUT/models "
+            f"(trained at the {scale} scale), or leave --weights out",
+        )
+    return weights
 
 
 def train_generators(
-    train_datalist: Path, dataset: str, models: Path, epochs: int | Mapping[str, int] | None = None
+    train_datalist: Path,
+    dataset: str,
+    models: Path,
+    epochs: int | Mapping[str, int] | None = None,
+    scale: str = SCALE,
 ) -> Weights:
     """Train MC-DPM, the sequence generator and the three refiners on ``train_datalist``.
 
     ``epochs``: one number for every stage, or per stage (``masks``, ``generator``,
-    ``refiner``); ``None`` keeps the presets'.
+    ``refiner``); ``None`` keeps the presets'. ``scale``: the presets every stage trains with.
 
     Each stage is the bundle's own training run (``medgen3d train``); the checkpoint with the
     best validation loss (``*_best.pt``) is used when one was written, as for the shipped
@@ -98,7 +135,7 @@ def train_generators(
         if stage_epochs is not None:
             overrides[EPOCH_KEYS[stage]] = stage_epochs
         overrides = train_overrides(stage, str(folder), overrides)
-        run_stage(TRAIN_STAGES, stage, SCALE, dataset, overrides)
+        run_stage(TRAIN_STAGES, stage, scale, dataset, overrides)
         best = folder / "models" / f"{name}_best.pt"
         if best.is_file():
             shutil.copyfile(best, folder / "models" / f"{name}.pt")
@@ -120,12 +157,19 @@ def make_cohort(dataset: str, out: Path, cases: int, heldout: int, seed: int) ->
 
 
 def evaluate_generation(
-    run: DemoRun, heldout: Path, synthetic: Path, weights: Weights, dataset: str, seed: int
+    run: DemoRun,
+    heldout: Path,
+    synthetic: Path,
+    weights: Weights,
+    scale: str,
+    dataset: str,
+    seed: int,
 ) -> dict:
     """Masks against the held-out real masks; images made from the held-out real masks
-    against their real images (paired); the synthetic pairs' images against the real ones."""
-    masks = bundle_config("mask_diffusion", SCALE, dataset)
-    images = bundle_config("image_synthesis", SCALE, dataset)
+    against their real images (paired); the synthetic pairs' images against the real ones.
+    Everything on the model grid of ``scale``'s presets."""
+    masks = bundle_config("mask_diffusion", scale, dataset)
+    images = bundle_config("image_synthesis", scale, dataset)
     preprocessing = images.get_parsed_content("preprocessing")
     mask_metrics = evaluate_against_real(
         synthetic.parent / "masks" / "datalist.json",
@@ -137,7 +181,7 @@ def evaluate_generation(
     real_grid = export_model_space(heldout, preprocessing, run.out / "real_model_space")
     from_real = bundle_config(
         "image_synthesis",
-        SCALE,
+        scale,
         dataset,
         mask_datalist=str(real_grid),
         output_dir=str(run.out / "from_real_masks"),
@@ -174,32 +218,54 @@ def run_demo(
     seg_iterations: int | None = None,
     seeds: int = 3,
     seg_regimes: str = "E2-1,E2-3",
+    scale: str = SCALE,
+    weights: str | Path | None = None,
 ) -> Path:
     """The whole demo; returns the path of ``OUT/report.md``.
 
     Args:
-        dataset: ``thorax`` (shipped weights) or ``brain`` (needs ``train``).
-        train: first train every generator stage at the demo scale on the cohort.
+        dataset: ``thorax`` (shipped weights) or ``brain`` (needs ``train`` or ``weights``).
+        train: first train every generator stage at ``scale`` on the cohort.
         cases, heldout: cohort size and the last cases kept out of generator training; the
             shipped thorax weights were trained on the first 16 of 24 cases with seed 0.
         n: synthetic pairs to generate. sampler, steps: the mask sampler (default: the
             mask_diffusion config's).
         epochs: override the epochs of every generator training stage (default: preset's).
         seg_iterations: optimiser steps of each segmentation training (default: the
-            seg_downstream demo preset's max_iterations).
+            seg_downstream ``scale`` preset's max_iterations).
         seeds: segmentation trainings per regime (seeds seed, seed + 1, ...).
         seg_regimes: the regimes of the segmentation study, e.g. E2-1,E2-2,E2-3.
+        scale: the presets of every stage (``demo``: 32^3, the shipped weights; ``standard``:
+            64^3; ``tiny``: tests), their grid, networks and budgets.
+        weights: a folder of generator weights trained at ``scale`` before, laid out as
+            ``train`` writes ``OUT/models`` (default: the shipped weights).
     """
+    from common.seg.study import REPO_BUNDLE, study_settings
     from medgen3d.report import demo_figures, write_report
 
     if dataset not in DATASETS:
         raise DataError(dataset, "unknown demo dataset", f"use one of {', '.join(DATASETS)}")
+    if train and weights:
+        raise DataError(
+            str(weights),
+            "--weights and --train given together",
+            "pass --train to train new weights into OUT/models, or --weights DIR to use "
+            "weights trained before, not both",
+        )
     out = Path(out)
-    mask_config = bundle_config("mask_diffusion", SCALE, dataset)
+    mask_config = bundle_config("mask_diffusion", scale, dataset)
     sampler = sampler or mask_config.get_parsed_content("sampler")
     steps = steps or mask_config.get_parsed_content("steps")
+    seg_settings = study_settings(
+        REPO_BUNDLE, scale, dataset, {}, {"max_iterations": seg_iterations}
+    )
+    seg_steps = seg_settings["max_iterations"]  # 0: epochs
+    seg_budget = f"{seg_steps} steps" if seg_steps else "the preset's epochs"
     run = DemoRun(out, dataset, steps=8 if train else 7)
-    weights = None if train else shipped_weights(dataset)
+    if weights:
+        weights = given_weights(weights, scale, dataset)
+    elif not train:
+        weights = shipped_weights(dataset, scale)
     train_json, heldout_json = run.step(
         f"{dataset} demo cohort: {cases} cases, the last {heldout} held out",
         make_cohort,
@@ -211,12 +277,13 @@ def run_demo(
     )
     if train:
         weights = run.step(
-            f"training MC-DPM, sequence generator and 3 refiners ({SCALE} scale)",
+            f"training MC-DPM, sequence generator and 3 refiners ({scale} scale)",
             train_generators,
             train_json,
             dataset,
             out / "models",
             epochs,
+            scale,
         )
     synthetic = run.step(
         f"generating {n} paired volumes ({sampler}-{steps} masks, refined images)",
@@ -226,7 +293,7 @@ def run_demo(
         seed=seed,
         sampler=sampler,
         steps=steps,
-        scale=SCALE,
+        scale=scale,
         dataset=dataset,
         mask_ckpt=weights.mask_ckpt,
         image_models=weights.image_models,
@@ -238,18 +305,26 @@ def run_demo(
         heldout_json,
         synthetic,
         weights,
+        scale,
         dataset,
         seed,
     )
     seg = run.step(
-        f"segmentation study: {seg_regimes} at equal steps, unet3d, {seeds} seeds",
+        f"segmentation study: {seg_regimes}, {seg_budget} each, unet3d, {seeds} seeds",
         _seg_study,
         train_json,
         heldout_json,
         synthetic,
         out / "seg_study",
         dataset,
-        {"seed": seed, "seeds": seeds, "regimes": seg_regimes, "max_iterations": seg_iterations},
+        {
+            "scale": scale,
+            "val_cases": seg_settings["val_cases"],
+            "seed": seed,
+            "seeds": seeds,
+            "regimes": seg_regimes,
+            "max_iterations": seg_iterations,
+        },
     )
     results["agreement"] = run.step(
         f"mask-image agreement: the E2-1 segmenter (seed {seed}), synthetic vs held-out real",
@@ -258,7 +333,7 @@ def run_demo(
         synthetic,
         out / "seg_study" / "real_test.json",  # the study's test cases: unseen by the segmenter
         out / "agreement",
-        SCALE,
+        scale,
         dataset,
     )
     figures = run.step(
@@ -284,7 +359,7 @@ def run_demo(
             "seed": seed,
             "sampler": sampler,
             "steps": steps,
-            "scale": SCALE,
+            "scale": scale,
             "train": train,
         },
     )
@@ -301,11 +376,11 @@ def _seg_study(
     """The paper's protocol for unet3d: the segmenter trains and validates on the generators'
     training cases (``train``; with all the synthetic pairs) and is tested on the held-out
     cases nothing saw (``heldout``); every regime the same steps, ``options["seeds"]`` times.
-    ``options``: seed, seeds, regimes, max_iterations (None: the preset's)."""
-    from common.seg.study import REPO_BUNDLE, seg_study, study_settings
+    ``options``: scale, val_cases (the preset's), seed, seeds, regimes, max_iterations (None:
+    the scale preset's)."""
+    from common.seg.study import seg_study
 
-    val_cases = study_settings(REPO_BUNDLE, SCALE, dataset, {}, {})["val_cases"]
-    n_real = len(read_datalist(train)["training"]) - val_cases
+    n_real = len(read_datalist(train)["training"]) - options["val_cases"]
     n_synthetic = len(read_datalist(synthetic)["training"])
     iterations = options["max_iterations"]
     seg_study(
@@ -314,7 +389,7 @@ def _seg_study(
         networks="unet3d",
         regimes=options["regimes"],
         out=str(out),
-        scale=SCALE,
+        scale=options["scale"],
         dataset=dataset,
         test=str(heldout),
         seeds=options["seeds"],
