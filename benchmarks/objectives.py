@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from benchmarks import suite
+from common.core.errors import DataError
+from common.core.io import read_json, write_json
 from common.masks.mcdpm import keep_single_components
 
 SETTINGS = {
@@ -103,6 +105,15 @@ def main(
     for objective in todo:
         path = out_dir / f"{objective}.json"
         if path.is_file():
+            kept = read_json(path)["meta"]
+            asked = {"scale": scale, "real": real, "volumes": volumes}
+            before = {k: kept.get(k) for k in asked}
+            if before != asked:
+                raise DataError(
+                    str(path),
+                    f"was sampled with {before}, not {asked}",
+                    "use another --out, or delete it to sample again",
+                )
             continue
         if ckpts[objective] is None:
             raise SystemExit(f"--{objective} CKPT is needed to sample the {objective} side")
@@ -118,10 +129,10 @@ def main(
             "cpu": platform.processor() or platform.machine(),
             "seconds": round(time.time() - start),
         }
-        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_json({"meta": meta, "rows": rows}, path)
     parts = [out_dir / f"{o}.json" for o in ckpts]
     if all(p.is_file() for p in parts):
-        rows = [r for p in parts for r in json.loads(p.read_text())["rows"]]
+        rows = [r for p in parts for r in read_json(p)["rows"]]
         (out_dir / "objectives.md").write_text(table(rows) + "\n")
         print(table(rows))
 

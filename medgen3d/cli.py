@@ -327,7 +327,8 @@ def store_half(src: str, dst: str | None = None, dtype: str = "float16") -> str:
     networks still load it as float32. Refuses a tensor that float16 cannot hold.
 
     Args:
-        src: a checkpoint (.pt): a state dict or a nested one ({"model": ...}).
+        src: final weights (.pt): a state dict or a nested one ({"model": ...}); not a
+            resume checkpoint (its optimiser state needs float32).
         dst: where to write (default: SRC itself, replaced atomically).
         dtype: float16, or bfloat16 (float32's range, less precision).
     """

@@ -27,6 +27,8 @@ def tiny_models(tmp_path):
     torch.save(config.get_parsed_content("network_def").state_dict(), folder / "model.pt")
     for view in config["sdm_views"]:
         refiner = config.get_parsed_content("refiner_def", lazy=False)
+        # the output conv starts at zero: without this, guidance and masks would change nothing
+        torch.nn.init.normal_(refiner.out[2].conv.weight, std=0.02)
         torch.save(refiner.state_dict(), folder / f"refiner_{view}.pt")
     return folder
 
@@ -49,7 +51,12 @@ def test_sweep_rows_match_the_bundle_pipeline_and_a_rerun_keeps_them(
     assert doc["rows"][1]["steps_per_view"] == 2  # DDIM-100: t = 10, 0
 
     config = bundle_config(
-        "image_synthesis", "tiny", "thorax", ckpt_dir=str(tiny_models), device="cpu"
+        "image_synthesis",
+        "tiny",
+        "thorax",
+        ckpt_dir=str(tiny_models),
+        device="cpu",
+        sdm_guidance=1.5,
     )
     names, _, labels = refiner_sweep.model_grid_cases(tiny_segthor_datalist, config, tmp_path)
     onehot = F.one_hot(torch.from_numpy(np.stack(labels)), 5).movedim(-1, 1).float()
@@ -64,6 +71,7 @@ def test_sweep_rows_match_the_bundle_pipeline_and_a_rerun_keeps_them(
     assert kept.stat().st_mtime_ns == before
     doc = json.loads((out / "refiner_sweep.json").read_text())
     assert [r["name"] for r in doc["rows"]] == ["t0_0000", "t0_0010_g1", "t0_0010_g1.5"]
+    assert not torch.equal(_volume(out, "t0_0010_g1", 0), _volume(out, "t0_0010_g1.5", 0))
     main_table = (out / "refiner_sweep.md").read_text().split("\n\n")[0].splitlines()
     assert len(main_table) == 2 + 3  # header, rule, a row per setting
     assert doc["rows"][1]["mae_original"]["vs_t0_0"]["ci95"][0] is not None

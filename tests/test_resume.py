@@ -102,3 +102,18 @@ def test_resumed_training_keeps_the_best_checkpoint(name, tiny_segthor_datalist,
     assert all(torch.equal(epoch_2[k], resumed[k]) for k in epoch_2), "best is not epoch 2"
     evaluator = parser.get_parsed_content("validate#evaluator")
     assert (evaluator.state.best_metric_epoch, evaluator.state.best_metric) == (2, scores[2])
+
+
+def test_transform_states_of_other_transforms_are_refused():
+    """A resume file written with other random transforms (e.g. another z_shift_max) stops
+    with a message, not a KeyError."""
+    from monai.transforms import Compose, RandFlipd, RandSpatialCropd
+
+    from common.core.training import TransformRNG
+
+    one = TransformRNG(Compose([RandFlipd(["image"], prob=0.5)]))
+    two = TransformRNG(
+        Compose([RandFlipd(["image"], prob=0.5), RandSpatialCropd(["image"], roi_size=(2, 2))])
+    )
+    with pytest.raises(ValueError, match="random transform states .* z_shift_max"):
+        two.load_state_dict(one.state_dict())

@@ -197,6 +197,14 @@ def test_trainer_steps_give_finite_losses_and_update_all_networks():
         assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), old))
 
 
+def test_trainer_loss_adds_the_label_balanced_term_with_its_weight():
+    trainer, _, _ = _trainer(1, teacher_forcing_epochs=0, label_l1_weight=10.0)
+    trainer.run()
+    out = trainer.state.output
+    expected = 10 * out["g_l1"] + 10 * out["g_label_l1"] + out["g_adv"] + 10 * out["g_fm"]
+    assert out["g_label_l1"] > 0 and out["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("p_restart,blank", [(1.0, True), (0.0, False)])
 def test_restart_blanks_the_context_slices(p_restart, blank):
     trainer, _, _ = _trainer(1, p_restart=p_restart)

@@ -1,5 +1,6 @@
-"""Checkpoints stored in half precision: floating-point tensors as float16 (or bfloat16), the
-rest as it was, so that shipped weights take half the space.
+"""Final weights stored in half precision: floating-point tensors as float16 (or bfloat16),
+the rest as it was, so that shipped weights take half the space. Not for resume checkpoints:
+their optimiser state needs float32.
 
 Networks stay float32: ``load_state_dict`` casts each tensor to its parameter's dtype, so every
 loader (``load_weights``, ``start_from``, MONAI's ``CheckpointLoader``, ``ckpt_export``) reads

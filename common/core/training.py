@@ -92,6 +92,12 @@ class TransformRNG:
         return {str(i): _pack_numpy(t.R.get_state()) for i, t in enumerate(self.randoms)}
 
     def load_state_dict(self, state: Mapping) -> None:
+        if len(state) != len(self.randoms):
+            raise ValueError(  # ResumeCheckpoint names the file
+                f"{len(state)} random transform states for {len(self.randoms)} random "
+                "transforms: written with other transforms (e.g. another z_shift_max); "
+                "--resume false starts over"
+            )
         for i, t in enumerate(self.randoms):
             t.R.set_state(_unpack_numpy(state[str(i)]))
 

@@ -281,7 +281,7 @@ def label_balanced_l1(fake: torch.Tensor, real: torch.Tensor, onehot: torch.Tens
     error = (fake - real).abs()
     voxels = onehot.sum(dim=(0, 2, 3, 4))
     per_label = (error * onehot).sum(dim=(0, 2, 3, 4)) / voxels.clamp(min=1)
-    return per_label[voxels > 0].mean()
+    return per_label.sum() / (voxels > 0).sum().clamp(min=1)  # 0 when no label is present
 
 
 def _requires_grad(nets: Sequence[nn.Module], flag: bool) -> None:
