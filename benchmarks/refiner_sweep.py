@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 
 import fire
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,11 @@ from common.core.io import atomic_path, read_json, remove_temporaries, write_jso
 from common.core.savers import as_flag
 from common.core.seeds import case_seed
 from common.data.datalists import read_datalist
-from common.images.generation import export_model_space
+from common.images.generation import (
+    export_model_space,
+    model_space_images,
+    model_space_labels,
+)
 from common.images.metrics import (
     evaluate_images,
     intensity_agreement,
@@ -89,10 +92,8 @@ def model_grid_cases(real: str | Path, config, out: Path) -> tuple[list[str], to
         real, config.get_parsed_content("preprocessing"), out / "real_model_space"
     )
     cases = read_datalist(datalist)["training"]
-    lo, hi = (float(v) for v in config["value_range"])
-    images = np.stack([np.asarray(nib.load(c["image"]).dataobj, np.float32) for c in cases])
-    labels = [np.asarray(nib.load(c["label"]).dataobj).round().astype(np.int64) for c in cases]
-    images = torch.from_numpy((images - lo) / (hi - lo) * 2.0 - 1.0)[:, None]
+    images = model_space_images([c["image"] for c in cases], config["value_range"])
+    labels = model_space_labels([c["label"] for c in cases])
     return [c["case"] for c in cases], images, labels
 
 

@@ -328,12 +328,9 @@ def test_table_has_regimes_as_rows_and_networks_as_columns():
 # ---------------------------------------------------------------- a tiny study
 
 
-@pytest.mark.slow
-def test_tiny_study_repeats_seeds_at_equal_steps_on_the_test_datalist(real_and_test, tmp_path):
-    """E2-1 (2 real cases) and E2-3 (2 real + 2 synthetic) run the same 2 steps (by epochs
-    E2-3 would run twice E2-1's), 2 seeds each, tested on the explicit test datalist."""
+def _tiny_study(real_and_test, out: Path, **budget) -> tuple[str, list[dict]]:
+    """E2-1 and E2-3 at the tiny preset on the test datalist: the table and results.json."""
     real, test = real_and_test
-    out = tmp_path / "study"
     table = seg_study(
         str(real),
         str(real),
@@ -341,10 +338,17 @@ def test_tiny_study_repeats_seeds_at_equal_steps_on_the_test_datalist(real_and_t
         out=str(out),
         scale="tiny",
         test=str(test),
-        seeds=2,
-        seed=4,
+        **budget,
     )
-    runs = json.loads((out / "results.json").read_text())
+    return table, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_tiny_study_repeats_seeds_at_equal_steps_on_the_test_datalist(real_and_test, tmp_path):
+    """E2-1 (2 real cases) and E2-3 (2 real + 2 synthetic) run the same 2 steps (by epochs
+    E2-3 would run twice E2-1's), 2 seeds each, tested on the explicit test datalist."""
+    out = tmp_path / "study"
+    table, runs = _tiny_study(real_and_test, out, seeds=2, seed=4)
     assert sorted((r["regime"], r["seed"], r["steps"]) for r in runs) == [
         ("E2-1", 4, [2]),
         ("E2-1", 5, [2]),
@@ -370,18 +374,6 @@ def test_tiny_study_repeats_seeds_at_equal_steps_on_the_test_datalist(real_and_t
 @pytest.mark.slow
 def test_tiny_study_by_epochs_shows_the_unequal_steps(real_and_test, tmp_path):
     """max_iterations 0: 2 epochs each, so E2-3 (4 cases) runs twice E2-1's steps."""
-    real, test = real_and_test
-    out = tmp_path / "study"
-    table = seg_study(
-        str(real),
-        str(real),
-        regimes="E2-1,E2-3",
-        out=str(out),
-        scale="tiny",
-        test=str(test),
-        max_iterations=0,
-        max_epochs=2,
-    )
-    runs = json.loads((out / "results.json").read_text())
+    table, runs = _tiny_study(real_and_test, tmp_path / "study", max_iterations=0, max_epochs=2)
     assert sorted((r["regime"], r["steps"]) for r in runs) == [("E2-1", [2]), ("E2-3", [4])]
     assert "| E2-1 | 2 |" in table and "| E2-3 | 4 |" in table and CONTROL not in table

@@ -191,6 +191,19 @@ def _one_hot(labels: list[np.ndarray], num_classes: int) -> torch.Tensor:
     return F.one_hot(stacked, num_classes).movedim(-1, 1).float()
 
 
+def model_space_images(paths: Sequence[str], value_range: Sequence[float]) -> torch.Tensor:
+    """Model-grid image files (one grid) -> ``(N, 1, H, W, D)`` in [-1, 1], where
+    ``value_range`` (HU for CT) is what [-1, 1] stands for."""
+    lo, hi = (float(v) for v in value_range)
+    arrays = np.stack([np.asarray(nib.load(p).dataobj) for p in paths])
+    return torch.as_tensor(arrays[:, None] - lo).float() / (hi - lo) * 2 - 1
+
+
+def model_space_labels(paths: Sequence[str]) -> list[np.ndarray]:
+    """Label files -> integer volumes ``(H, W, D)`` (int64)."""
+    return [np.asarray(nib.load(p).dataobj).round().astype(np.int64) for p in paths]
+
+
 def evaluate_synthesis(
     synthetic_datalist: str | Path,
     real_datalist: str | Path,
@@ -208,26 +221,18 @@ def evaluate_synthesis(
 
     syn, real = read_datalist(synthetic_datalist), read_datalist(real_datalist)
     label_set = datalist_label_set(real, real_datalist)
-    lo, hi = (float(v) for v in value_range)
-
-    def load(paths, labels=False):
-        arrays = [np.asarray(nib.load(p).dataobj) for p in paths]
-        if labels:
-            return [a.round().astype(np.int64) for a in arrays]
-        return torch.as_tensor(np.stack(arrays)[:, None] - lo).float() / (hi - lo) * 2 - 1
-
-    real_labels = load([c["label"] for c in real["training"]], labels=True)
-    syn_labels = load([c["label"] for c in syn["training"]], labels=True)
+    real_labels = model_space_labels([c["label"] for c in real["training"]])
+    syn_labels = model_space_labels([c["label"] for c in syn["training"]])
     paired = [c["label"] for c in syn["training"]] == [c["label"] for c in real["training"]]
-    real_images = load([c["image"] for c in real["training"]])
+    real_images = model_space_images([c["image"] for c in real["training"]], value_range)
     results = {
         name: evaluate_images(
-            load([c[key] for c in syn["training"]]),
+            model_space_images([c[key] for c in syn["training"]], value_range),
             real_images,
             syn_labels,
             real_labels,
             label_set,
-            (lo, hi),
+            tuple(float(v) for v in value_range),
             seed=seed,
             paired=paired,
         )
