@@ -23,7 +23,6 @@ from tqdm import tqdm
 from common.diffusion.prepare_batch import SeededPrepareBatch
 from common.diffusion.sampling import sample
 from common.diffusion.schedulers import noisy_and_target
-from common.masks.network import window_position
 from common.masks.windows import WindowStep, extension_plan
 
 BRANCHES = ("forward", "backward", "unconditional")
@@ -172,7 +171,6 @@ def sample_mask_volumes(
     progress: bool = False,
     bf16: bool = False,
     eta: float = 1.0,
-    train_depth: int | None = None,
 ) -> torch.Tensor:
     """Sample whole label volumes ``(B, H, W, D)``, window by window, one per seed.
 
@@ -183,13 +181,11 @@ def sample_mask_volumes(
     ``bf16`` runs the network under bf16 autocast (faster on recent GPUs and on CPUs with
     AMX / AVX512-BF16); the sampler's arithmetic stays float32. ``eta`` (DDIM only): 1 adds
     fresh noise every step as DDPM does; few-step masks then come out far less fragmented
-    than with deterministic DDIM (``eta=0``), see benchmarks/results.md. ``train_depth``: the
-    depth the network was trained at (default ``D``); a window's position is its relative
-    place in the volume on that grid (``common.masks.network.window_position``), so ``D`` may
-    be any number of slices ``>= m``.
+    than with deterministic DDIM (``eta=0``), see benchmarks/results.md. A window's position
+    is its start, so ``D`` is the depth the network was trained at
+    (``common.masks.pipeline.resample_depth`` makes other lengths).
     """
     h, w, depth = (int(s) for s in spatial_size)
-    train_depth = depth if train_depth is None else int(train_depth)
     dev = torch.device(device)
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     starts = (
@@ -205,8 +201,7 @@ def sample_mask_volumes(
         jobs = [(b, s) for b, p in enumerate(plans) if i < len(p) for s in p[i]]
         given = torch.stack([given_mask(s.direction, s.given, m) for _, s in jobs]).to(dev)
         cond = torch.stack([volumes[b, ..., s.start : s.start + m] for b, s in jobs])
-        positions = [window_position(s.start, depth, m, train_depth) for _, s in jobs]
-        z = torch.tensor(positions, device=dev)
+        z = torch.tensor([s.start for _, s in jobs], device=dev)
         noise = torch.stack(
             [torch.randn(num_classes, h, w, m, generator=gens[b], device=dev) for b, _ in jobs]
         )

@@ -5,40 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
-from torch import nn
-
-
-class PositionEmbedding(nn.Embedding):
-    """An ``nn.Embedding`` (same ``weight (K, C)``) that also takes fractional positions.
-
-    ``forward(positions (B,))``: integer positions are the plain lookup; a float position
-    ``q`` in ``[0, K-1]`` interpolates linearly between rows ``floor(q)`` and ``floor(q)+1``
-    (outside, the end rows). A float with an integer value gives its row exactly.
-    """
-
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        if not positions.is_floating_point():
-            return super().forward(positions)
-        q = positions.float().clamp(0, self.num_embeddings - 1)
-        low = q.floor().long()
-        high = (low + 1).clamp(max=self.num_embeddings - 1)
-        frac = (q - low)[:, None]
-        return F.embedding(low, self.weight) * (1 - frac) + F.embedding(high, self.weight) * frac
-
-
-def window_position(start: int, depth: int, m: int, train_depth: int) -> float:
-    """The position of a window of ``m`` slices at ``start`` in a volume of ``depth`` slices,
-    in the training grid's window starts (``0..train_depth - m``, ``MCDPMUNet``'s anchors).
-
-    Positions are relative: ``start / (depth - m)`` of the way from the first window start to
-    the last, so at ``depth == train_depth`` the position is ``start`` itself. A volume of
-    ``m`` slices (one window) sits in the middle.
-    """
-    if depth == m:
-        return (train_depth - m) / 2
-    return start * (train_depth - m) / (depth - m)
 
 
 class MCDPMUNet(DiffusionModelUNet):
@@ -47,10 +14,8 @@ class MCDPMUNet(DiffusionModelUNet):
     Input ``(B, 2K + 1, H, W, m)`` (``common.masks.mcdpm.network_input``: noisy window, given
     slices, indicator), output ``(B, K, H, W, m)``, ``K = num_classes``. ``forward(x,
     timesteps (B,), class_labels (B,))``: ``class_labels`` is the window start on the training
-    grid, ``0..D-m`` (``D = spatial_size[2]``), one embedding row (anchor) per integer
-    start; a float start between two anchors interpolates them (``PositionEmbedding``), so
-    volumes of any depth can be sampled (``window_position``). ``timesteps`` and
-    ``class_labels`` also accept ints, floats or lists (as ``monai.bundle verify_net_in_out
+    grid, ``0..D-m`` (``D = spatial_size[2]``), one embedding row per start. ``timesteps`` and
+    ``class_labels`` also accept ints or lists (as ``monai.bundle verify_net_in_out
     --extra_forward_args`` passes them).
     """
 
@@ -79,16 +44,13 @@ class MCDPMUNet(DiffusionModelUNet):
             num_head_channels=num_head_channels,
             num_class_embeds=depth - m + 1,
         )
-        table = self.class_embedding  # MONAI's nn.Embedding: keep its (initialised) weight
-        self.class_embedding = PositionEmbedding(*table.weight.shape, _weight=table.weight.data)
 
     def forward(self, x, timesteps, context=None, class_labels=None, **kwargs):
-        def as_batch(v, long=True):
-            v = torch.as_tensor(v, device=x.device).reshape(-1)
-            v = v.long() if long or not v.is_floating_point() else v
+        def as_batch(v):
+            v = torch.as_tensor(v, device=x.device).reshape(-1).long()
             return v.expand(x.shape[0]) if v.numel() == 1 else v
 
-        labels = None if class_labels is None else as_batch(class_labels, long=False)
+        labels = None if class_labels is None else as_batch(class_labels)
         return super().forward(
             x, as_batch(timesteps), context=context, class_labels=labels, **kwargs
         )
