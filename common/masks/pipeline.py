@@ -61,7 +61,8 @@ class MaskPipeline:
     (``common.masks.mcdpm``); ``scheduler`` and ``steps`` choose the sampler. Volume ``b``
     depends only on ``seeds[b]``, not on the batch it is sampled in; ``batch_size`` volumes
     are sampled together. Post-processing (``keep_largest``) keeps the largest 26-connected
-    piece of each label in ``single_component``. ``eta`` (DDIM only): 1 adds fresh noise every
+    piece of each label in ``single_component``, on the grown volume before it is resampled
+    (and again after shrinking). ``eta`` (DDIM only): 1 adds fresh noise every
     step as DDPM does, 0 is deterministic DDIM. ``bf16`` runs the network under bf16 autocast.
     ``spatial_size`` is the model grid ``(H, W, D)`` the network was trained on. The volumes
     have ``depth`` slices (default ``D``, any number ``>= 1``; ``output_size``): the network
@@ -106,6 +107,10 @@ class MaskPipeline:
         self.single_component = list(single_component)
         self.batch_size, self.bf16 = int(batch_size), as_flag(bf16, "bf16")
 
+    def _keep_largest(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, D)`` with only the largest piece of each ``single_component`` label."""
+        return torch.stack([keep_single_components(v, self.single_component) for v in volumes])
+
     @property
     def output_size(self) -> list[int]:
         """``[H, W, depth]``: the size of the volumes it makes."""
@@ -142,10 +147,10 @@ class MaskPipeline:
                 bf16=self.bf16,
                 eta=self.eta,
             )
-            volumes = resample_depth(volumes, self.depth)
             if postprocess and self.keep_largest:
-                single = self.single_component
-                volumes = torch.stack([keep_single_components(v, single) for v in volumes])
-            out.append(volumes)
+                volumes = self._keep_largest(volumes)
+                if self.depth < self.spatial_size[2]:  # dropping slices can split a thin piece
+                    volumes = self._keep_largest(resample_depth(volumes, self.depth))
+            out.append(resample_depth(volumes, self.depth))
         h, w, d = self.output_size
         return torch.cat(out) if out else torch.zeros(0, h, w, d, dtype=torch.long)
