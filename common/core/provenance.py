@@ -98,7 +98,10 @@ def training_record(
 class TrainingCases:
     """A training's record (``training_record``) as a checkpointable object: the savers write
     ``state_dict()`` into every checkpoint; a resumed run adds the cases of the run it resumes
-    (``load_state_dict``), so its weights' record lists every case they saw."""
+    (``load_state_dict``), so its weights' record lists every case they saw. A resume file from
+    before records existed lacks it (``optional_in_resume``): this run's record stands."""
+
+    optional_in_resume = True
 
     def __init__(
         self, split: Mapping[str, Sequence[Mapping]], datalist: str | Path = "", start_from=""

@@ -23,7 +23,7 @@ from torch import nn
 from common.core.errors import DataError
 from common.core.io import atomic_path, remove_temporaries
 from common.core.lock import claim, release
-from common.core.provenance import TrainingCases, attach_record
+from common.core.provenance import attach_record
 from common.core.savers import as_flag
 
 logger = logging.getLogger(__name__)
@@ -254,11 +254,12 @@ class ResumeCheckpoint:
             raise self._problem(f"cannot be read as a resume checkpoint ({_first_line(e)})") from e
         if not isinstance(state, dict):
             raise self._problem(f"is not a resume checkpoint (it holds a {type(state).__name__})")
-        # a resume file from before training cases were recorded: this run's record stands
+        # a resume file from before an object was saved (training cases, the weight average):
+        # an object marked optional_in_resume keeps this run's state
         missing = sorted(
             k
             for k in set(self.objects) - set(state)
-            if not isinstance(self.objects[k], TrainingCases)
+            if not getattr(self.objects[k], "optional_in_resume", False)
         )
         if missing:
             raise self._problem(f"has no state for {missing}: written by another training")
