@@ -167,8 +167,9 @@ def generate(
         refine: run the three-view diffusion refiner (--norefine: sequence generator only).
         scale, dataset: the presets of weights trained with others than the shipped ones,
             e.g. --scale paper --dataset brain (default: the base configs, shipped weights).
-        depth: axial slices per volume, any number >= the window m (default: the model
-            grid's depth); the z spacing stays the grid's, so the volume is longer in mm.
+        depth: axial slices per volume, any number >= 1 (default: the model grid's depth):
+            grown at the grid's depth and resampled along z, so each organ keeps its share
+            of the length; the z spacing stays the grid's, so the volume is longer in mm.
         extent_mm: the axial length in mm instead (depth = extent_mm / z spacing, rounded).
         qc: quality gate: check every pair against per-label intensity ranges learned from
             the real cases of --real, regenerate a failing pair with a new seed, up to

@@ -73,6 +73,7 @@ def test_default_depth_is_the_grid_and_too_short_is_a_clear_error():
     assert default.output_size == [16, 16, 12] and torch.equal(default([3]), same([3]))
     for values, message in (
         ({"depth": 0}, "depth: 0 slices"),
+        ({"extent_mm": 3.0}, "extent_mm: 3.0 mm is less than one slice of 26.6667 mm"),
         ({"depth": 18, "extent_mm": 480.0}, "depth / extent_mm: both are set"),
     ):
         with pytest.raises(RuntimeError) as err:  # MONAI's wrapper; the CLI prints the cause

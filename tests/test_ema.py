@@ -4,10 +4,12 @@ its resume state, and the MC-DPM bundle saving the average while resume.pt keeps
 import pytest
 import torch
 from bundle_helpers import REPO, monai_bundle
+from ignite.engine import Engine, Events
 from torch import nn
 
 from common.core.bundle_configs import config_files
 from common.core.ema import WeightAverage
+from common.core.training import GlobalRNG, ResumeCheckpoint
 
 
 def _net() -> nn.Module:
@@ -77,6 +79,33 @@ def test_resume_state_round_trips_and_an_empty_one_restarts_the_average():
     fresh = WeightAverage(_net(), decay=0.9)
     fresh.load_state_dict({"network": {}, "updates": 0})  # written with ema_decay 0
     assert fresh.updates == 0  # the next update copies the resumed weights
+
+
+@pytest.mark.parametrize("ema_state", [None, {"network": {}, "updates": 0}])
+def test_a_resumed_run_without_an_average_saves_the_resumed_weights(ema_state, tmp_path):
+    """A finished run resumed with the average switched on (its resume file from before the
+    average, or written with ema_decay 0) runs no iteration, yet the final saver writes the
+    average at COMPLETED: it must be the resumed weights, not the network as constructed."""
+    trained = _net()
+    _set(trained, 5.0)
+    done = Engine(lambda e, b: None)
+    done.run([0], max_epochs=1)
+    state = {"model": trained.state_dict(), "engine": done.state_dict()}
+    state["rng"] = GlobalRNG().state_dict()
+    if ema_state is not None:
+        state["ema"] = ema_state
+    torch.save(state, tmp_path / "resume.pt")
+    net = _net()
+    ema = WeightAverage(net, decay=0.9)
+    engine = Engine(lambda e, b: None)
+    ema.attach(engine)
+    ResumeCheckpoint(tmp_path, {"model": net, "ema": ema}).attach(engine)
+    final = {}
+    engine.add_event_handler(Events.COMPLETED, lambda e: final.update(ema.network.state_dict()))
+    engine.run([0], max_epochs=1)
+    assert engine.state.iteration == 1 and ema.updates == 0  # nothing left to train
+    for name, value in trained.state_dict().items():
+        assert torch.equal(final[name], value), name
 
 
 @pytest.mark.slow

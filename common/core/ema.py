@@ -21,8 +21,8 @@ class WeightAverage:
     without it is unchanged. A DDP-wrapped ``source`` is averaged through its ``module``.
 
     Checkpointable (``state_dict``: the averaged weights and the update count). A resume
-    file from before it existed leaves the count at 0, so the average restarts from the
-    resumed weights at the next iteration.
+    file from before it existed (or written with ``decay`` 0) leaves the count at 0: when
+    the run starts, the average restarts from the resumed weights (``start``).
     """
 
     optional_in_resume = True
@@ -41,7 +41,16 @@ class WeightAverage:
 
     def attach(self, engine: Engine) -> None:
         if self.decay > 0.0:
+            engine.add_event_handler(Events.STARTED, self.start)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+
+    @torch.no_grad()
+    def start(self, engine: Engine | None = None) -> None:
+        """Before the first update, the average is ``source``'s weights as they are now (those
+        a resume loaded): a resumed run with nothing left to train saves them, not the
+        network as it was built."""
+        if self.updates == 0:
+            self.network.load_state_dict(self.source.state_dict())
 
     @torch.no_grad()
     def update(self, engine: Engine | None = None) -> None:

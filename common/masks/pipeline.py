@@ -34,7 +34,14 @@ def output_depth(
             "depth / extent_mm", "both are set", "give the length in slices or in mm, not both"
         )
     if extent_mm is not None:
-        return round(float(extent_mm) / float(z_spacing))
+        slices = round(float(extent_mm) / float(z_spacing))
+        if slices < 1:
+            raise DataError(
+                "extent_mm",
+                f"{extent_mm} mm is less than one slice of {z_spacing:g} mm",
+                f"give at least {z_spacing:g} mm",
+            )
+        return slices
     return int(spatial_size[2]) if depth is None else int(depth)
 
 
