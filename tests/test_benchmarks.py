@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from benchmarks import gpu, run, suite, training
+from benchmarks import gpu, mask_windows, run, suite, training
 from benchmarks.report import report
 from common.masks.mcdpm import plan_rounds
 from common.masks.windows import extension_plan
@@ -89,3 +90,28 @@ def test_gpu_script_runs_on_cpu_at_demo_size(capsys):
     )
     assert len(rows) == 8 and all(seconds > 0 for _, seconds, _ in rows)
     assert "Batched generation" in capsys.readouterr().out
+
+
+def test_mask_windows_splits_slice_pairs_at_seams(tiny_segthor_datalist, tmp_path):
+    """Seams of the plan from the middle of a 12-slice grid (m=4, n=2): the first window at 4
+    (slices 4-7), upward windows add slices 8-9 and 10-11, downward 2-3 and 0-1; a seam is
+    each window's first new slice next to its given ones. A tiny untrained run reports both
+    given counts."""
+    assert mask_windows.seam_slices(12, 4, 2, 4) == {8, 10, 4, 2}
+    volume = np.zeros((4, 4, 4), int)
+    volume[:2, :2, 0:2] = 1
+    volume[:2, :1, 2] = 1
+    assert mask_windows.consecutive_dice(volume, 1) == [(1, 1.0), (2, pytest.approx(2 / 3))]
+    table = mask_windows.seam_table([volume], {2}, ["background", "organ"])
+    assert table["organ"] == {
+        "seam": pytest.approx(2 / 3),
+        "seam_pairs": 1,
+        "inside": 1.0,
+        "inside_pairs": 1,
+    }
+    out = tmp_path / "windows.json"
+    rows = mask_windows.main(
+        str(tiny_segthor_datalist), None, scale="tiny", given="2,3", volumes=1, out=str(out)
+    )
+    assert [r["given"] for r in rows] == [2, 3] and out.is_file()
+    assert set(rows[0]["slice_dice"]) == {"esophagus", "heart", "trachea", "aorta"}
