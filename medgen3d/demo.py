@@ -164,19 +164,34 @@ def evaluate_generation(
     scale: str,
     dataset: str,
     seed: int,
+    sampling: dict,
 ) -> dict:
-    """Masks against the held-out real masks; images made from the held-out real masks
-    against their real images (paired); the synthetic pairs' images against the real ones.
-    Everything on the model grid of ``scale``'s presets."""
+    """Masks against the held-out real masks, as written (after keep-largest) and as sampled
+    (the same seeds and ``sampling``, sampler and steps, without keep-largest); images made
+    from the held-out real masks against their real images (paired); the synthetic pairs'
+    images against the real ones. Everything on the model grid of ``scale``'s presets."""
     masks = bundle_config("mask_diffusion", scale, dataset)
     images = bundle_config("image_synthesis", scale, dataset)
     preprocessing = images.get_parsed_content("preprocessing")
-    mask_metrics = evaluate_against_real(
-        synthetic.parent / "masks" / "datalist.json",
-        heldout,
-        preprocessing,
-        masks.get_parsed_content("output_pixdim"),
-        out_dir=run.out / "evaluation" / "masks",
+    written = synthetic.parent / "masks" / "datalist.json"
+    raw = bundle_config(
+        "mask_diffusion",
+        scale,
+        dataset,
+        ckpt_path=str(weights.mask_ckpt),
+        output_dir=str(run.out / "evaluation" / "raw_masks"),
+        num_cases=len(read_datalist(written)["training"]),
+        seed=seed,
+        keep_largest=False,
+        **sampling,
+    ).get_parsed_content("generate")()
+    pixdim = masks.get_parsed_content("output_pixdim")
+    mask_metrics, raw_metrics = (
+        evaluate_against_real(datalist, heldout, preprocessing, pixdim, out_dir=folder)
+        for datalist, folder in (
+            (written, run.out / "evaluation" / "masks"),
+            (raw, run.out / "evaluation" / "masks_raw"),
+        )
     )
     real_grid = export_model_space(heldout, preprocessing, run.out / "real_model_space")
     from_real = bundle_config(
@@ -197,6 +212,7 @@ def evaluate_generation(
     )
     return {
         "masks": mask_metrics,
+        "masks_raw": raw_metrics,
         "images_paired": paired,
         "images_unpaired": unpaired,
         "real_grid": real_grid,
@@ -308,6 +324,7 @@ def run_demo(
         scale,
         dataset,
         seed,
+        {"sampler": sampler, "steps": steps},
     )
     seg = run.step(
         f"segmentation study: {seg_regimes}, {seg_budget} each, unet3d, {seeds} seeds",

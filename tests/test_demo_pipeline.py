@@ -6,9 +6,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from common.core.errors import DataError
 from common.data.validate import validate_datalist
+from common.masks.mcdpm import keep_single_components
 from medgen3d.cli import main
 from medgen3d.demo import run_demo
 
@@ -17,7 +19,7 @@ FIGURES = ("real_vs_synthetic", "masks", "from_real_masks", "label_volumes")
 
 def check_report(out, n):
     report = (out / "report.md").read_text()
-    sections = ("## Timings", "## Masks", "paired", "## Downstream segmentation", "E2-3")
+    sections = ("## Timings", "## Masks", "As sampled", "paired", "## Downstream segmentation")
     for section in (*sections, "## Mask-image agreement"):
         assert section in report
     for name in FIGURES:
@@ -65,6 +67,16 @@ def test_thorax_demo_with_shipped_weights(tmp_path, capsys):
     assert "[1/7]" in printed and "[7/7] done" in printed
     mask = nib.load(out / "synthetic" / "masks" / "labels" / "mask_0000.nii.gz")
     assert mask.shape == (32, 32, 32)
+    # the raw masks evaluated are the written ones before keep-largest: same seeds, same sampler
+    raw = nib.load(out / "evaluation" / "raw_masks" / "labels" / "mask_0000.nii.gz")
+    kept = keep_single_components(torch.from_numpy(np.asarray(raw.dataobj)).long(), [1, 2, 3, 4])
+    assert np.array_equal(kept.numpy(), np.asarray(mask.dataobj))
+    summaries = [
+        json.loads((out / "evaluation" / f / "mask_metrics.json").read_text())["summary"]
+        for f in ("masks", "masks_raw")
+    ]
+    assert summaries[0]["components_gen"] == 1.0  # one piece per organ after keep-largest
+    assert summaries[1]["components_gen"] >= 1.0 and summaries[1] != summaries[0]
 
 
 @pytest.mark.slow
