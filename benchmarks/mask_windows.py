@@ -3,8 +3,8 @@
 For each number of given slices (``--given 4,8``; the network trains with ``n`` to ``m - 1``),
 samples ``--volumes`` raw volumes (seeds 0.., the config's sampler and steps, first window in
 the middle) from ``CKPT`` and reports their quality against the held-out ``REAL`` masks
-(pieces, z-continuity, volume W1) and, per label, the Dice of consecutive slices split into
-pairs across a window seam and pairs inside a window::
+(pieces, z-continuity, volume W1) and, per label, the Dice of consecutive slices (as
+z-continuity counts them) split into pairs across a window seam and pairs inside a window::
 
     OMP_NUM_THREADS=1 python -m benchmarks.mask_windows REAL CKPT --scale standard \\
         --given 4,8,12 --volumes 2 --out OUT.json
@@ -17,6 +17,7 @@ import numpy as np
 
 from benchmarks import suite
 from common.core.io import write_json
+from common.masks.metrics import slice_pair_dice
 from common.masks.windows import extension_plan
 
 
@@ -32,30 +33,21 @@ def seam_slices(depth: int, m: int, n: int, z0: int) -> set[int]:
     return seams
 
 
-def consecutive_dice(volume: np.ndarray, label: int) -> list[tuple[int, float]]:
-    """``(z, Dice of slices z - 1 and z)`` of ``label`` in ``volume (H, W, D)``, where both
-    slices hold it."""
-    organ = volume == label
-    out = []
-    for z in range(1, organ.shape[-1]):
-        a, b = organ[..., z - 1], organ[..., z]
-        if a.any() and b.any():
-            out.append((z, float(2 * (a & b).sum() / (a.sum() + b.sum()))))
-    return out
-
-
 def seam_table(volumes: list[np.ndarray], seams: set[int], names: list[str]) -> dict:
-    """Per label name: mean consecutive-slice Dice at seams and inside windows, with counts."""
+    """Per label name: the mean Dice of consecutive slices (``slice_pair_dice``, as the
+    z-continuity metric counts them) over pairs whose upper slice is a seam and over the
+    others, with their counts."""
+    dice = np.concatenate([slice_pair_dice(v, len(names)) for v in volumes], 1)  # (K-1, P)
+    upper = np.concatenate([np.arange(1, v.shape[-1]) for v in volumes])
+    at_seam = np.isin(upper, sorted(seams))
     table = {}
-    for label, name in enumerate(names[1:], start=1):
-        pairs = [p for v in volumes for p in consecutive_dice(v, label)]
-        at = [d for z, d in pairs if z in seams]
-        inside = [d for z, d in pairs if z not in seams]
+    for name, row in zip(names[1:], dice):
+        at, inside = row[at_seam & ~np.isnan(row)], row[~at_seam & ~np.isnan(row)]
         table[name] = {
-            "seam": float(np.mean(at)) if at else None,
-            "seam_pairs": len(at),
-            "inside": float(np.mean(inside)) if inside else None,
-            "inside_pairs": len(inside),
+            "seam": float(at.mean()) if at.size else None,
+            "seam_pairs": int(at.size),
+            "inside": float(inside.mean()) if inside.size else None,
+            "inside_pairs": int(inside.size),
         }
     return table
 

