@@ -164,27 +164,16 @@ def evaluate_generation(
     scale: str,
     dataset: str,
     seed: int,
-    sampling: dict,
 ) -> dict:
     """Masks against the held-out real masks, as written (after keep-largest) and as sampled
-    (the same seeds and ``sampling``, sampler and steps, without keep-largest); images made
-    from the held-out real masks against their real images (paired); the synthetic pairs'
+    (``raw``: the same volumes before keep-largest, written by the generation step); images
+    made from the held-out real masks against their real images (paired); the synthetic pairs'
     images against the real ones. Everything on the model grid of ``scale``'s presets."""
     masks = bundle_config("mask_diffusion", scale, dataset)
     images = bundle_config("image_synthesis", scale, dataset)
     preprocessing = images.get_parsed_content("preprocessing")
     written = synthetic.parent / "masks" / "datalist.json"
-    raw = bundle_config(
-        "mask_diffusion",
-        scale,
-        dataset,
-        ckpt_path=str(weights.mask_ckpt),
-        output_dir=str(run.out / "evaluation" / "raw_masks"),
-        num_cases=len(read_datalist(written)["training"]),
-        seed=seed,
-        keep_largest=False,
-        **sampling,
-    ).get_parsed_content("generate")()
+    raw = synthetic.parent / "raw_masks" / "datalist.json"
     pixdim = masks.get_parsed_content("output_pixdim")
     mask_metrics, raw_metrics = (
         evaluate_against_real(datalist, heldout, preprocessing, pixdim, out_dir=folder)
@@ -313,6 +302,7 @@ def run_demo(
         dataset=dataset,
         mask_ckpt=weights.mask_ckpt,
         image_models=weights.image_models,
+        raw_masks=out / "synthetic" / "raw_masks",
     )
     results = run.step(
         "evaluating masks and images against the held-out real cases",
@@ -324,7 +314,6 @@ def run_demo(
         scale,
         dataset,
         seed,
-        {"sampler": sampler, "steps": steps},
     )
     seg = run.step(
         f"segmentation study: {seg_regimes}, {seg_budget} each, unet3d, {seeds} seeds",

@@ -34,6 +34,7 @@ def generate_pairs(
     image_models: str | Path | None = None,
     depth: int | None = None,
     extent_mm: float | None = None,
+    raw_masks: str | Path | None = None,
 ) -> Path:
     """``n`` paired volumes in ``out`` (``masks/labels``, ``images``, ``datalist.json``).
 
@@ -43,7 +44,8 @@ def generate_pairs(
     ``model.pt``, the sequence generator, and ``refiner_<view>.pt``), by default the bundles'
     ``models/``, which the base configs describe; ``scale`` and ``dataset`` name the presets
     of other weights. ``depth`` (slices) or ``extent_mm`` set the volumes' axial length
-    (default: the model grid's depth).
+    (default: the model grid's depth). ``raw_masks``: a folder for the masks as sampled
+    too, before keep-largest (from the same sampling run).
     Under ``torchrun --nproc_per_node=N -m medgen3d.cli generate`` the N ranks share the
     cases (one GPU each) and make the same volumes as one process.
     """
@@ -63,6 +65,7 @@ def generate_pairs(
             device=dev,
             depth=depth,
             extent_mm=extent_mm,
+            raw_output_dir=raw_masks,
         ),
     )
     mask_datalist = masks.get_parsed_content("generate")()

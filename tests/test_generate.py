@@ -101,6 +101,31 @@ def test_mask_rerun_remakes_exactly_the_cases_made_with_other_settings(tmp_path,
     _datalist_tells_the_truth(datalist)
 
 
+def test_raw_masks_come_from_the_same_sampling_run_as_the_written_ones(tmp_path):
+    pipeline, pixdim = _mask_pipeline(steps=2)
+    labels = load_label_set("segthor")
+    out, raw_out = tmp_path / "masks", tmp_path / "raw"
+    generate_mask_cases(pipeline, labels, out, 2, pixdim, seed=1)
+    written = _mtimes(out)
+    datalist = generate_mask_cases(pipeline, labels, out, 2, pixdim, seed=1, raw_output_dir=raw_out)
+    assert _mtimes(out) != written  # no raw file yet: the cases are sampled again, both written
+    raw_entries, kept_entries = _entries(raw_out / "datalist.json"), _entries(datalist)
+    seeds = [c["seed"] for c in kept_entries.values()]
+    alone = pipeline(seeds, postprocess=False)  # the raw volumes are the unprocessed samples
+    for k, (raw, kept) in enumerate(zip(raw_entries.values(), kept_entries.values())):
+        raw_volume = torch.from_numpy(np.asarray(nib.load(raw["label"]).dataobj)).long()
+        kept_volume = np.asarray(nib.load(kept["label"]).dataobj)
+        assert torch.equal(raw_volume, alone[k])
+        assert np.array_equal(pipeline._keep_largest(raw_volume[None])[0].numpy(), kept_volume)
+        assert raw["settings"]["keep_largest"] is False and kept["settings"]["keep_largest"]
+    assert not all(torch.equal(alone[k], pipeline(seeds)[k]) for k in range(2))  # it did cut
+    _datalist_tells_the_truth(datalist)
+    _datalist_tells_the_truth(raw_out / "datalist.json")
+    both = (_mtimes(out), _mtimes(raw_out))
+    generate_mask_cases(pipeline, labels, out, 2, pixdim, seed=1, raw_output_dir=raw_out)
+    assert (_mtimes(out), _mtimes(raw_out)) == both  # rerun: kept
+
+
 def test_image_rerun_remakes_the_cases_whose_settings_or_mask_changed(tmp_path):
     masks = _masks(tmp_path / "masks", 2, steps=2)
     out = tmp_path / "pairs"

@@ -16,8 +16,12 @@ from common.data.transforms import model_space_affine
 from common.masks.pipeline import MaskPipeline
 
 
-def mask_settings(pipeline: MaskPipeline, output_pixdim: Sequence[float]) -> dict:
-    """Everything besides the seed that a mask volume depends on (JSON)."""
+def mask_settings(
+    pipeline: MaskPipeline, output_pixdim: Sequence[float], keep_largest: bool = True
+) -> dict:
+    """Everything besides the seed that a mask volume depends on (JSON); ``keep_largest=False``:
+    of the volumes as sampled."""
+    keep_largest = keep_largest and pipeline.keep_largest
     return {
         "sampler": type(pipeline.scheduler).__name__,
         "steps": pipeline.steps,
@@ -26,8 +30,8 @@ def mask_settings(pipeline: MaskPipeline, output_pixdim: Sequence[float]) -> dic
         "m": pipeline.m,
         "n": pipeline.n,
         "spatial_size": pipeline.output_size,
-        "keep_largest": pipeline.keep_largest,
-        "single_component": pipeline.single_component if pipeline.keep_largest else [],
+        "keep_largest": keep_largest,
+        "single_component": pipeline.single_component if keep_largest else [],
         "pixdim": [float(p) for p in output_pixdim],
         "weights": weights_fingerprint(pipeline.network),
     }
@@ -42,6 +46,7 @@ def generate_mask_cases(
     seed: int = 0,
     modality: str = "CT",
     generators: Mapping[str, dict | None] | None = None,
+    raw_output_dir: str | None = None,
 ) -> Path:
     """Generate ``num_cases`` label volumes ``(H, W, depth)`` into ``output_dir/labels``.
 
@@ -55,45 +60,62 @@ def generate_mask_cases(
     ``generators``: the records of the real cases that trained the weights
     (``common.core.provenance.checkpoint_records``), kept in the datalist as
     ``generator_training_cases`` so a test on those cases can be refused.
-    Returns ``output_dir/datalist.json`` (``"masks_only": true``).
+    ``raw_output_dir``: also write each volume as sampled, before ``keep_largest``, with its
+    own datalist there (the same sampling run, no extra cost), to measure what post-processing
+    hides. Returns ``output_dir/datalist.json`` (``"masks_only": true``).
     """
-    out = Path(output_dir)
+    folders = {"kept": Path(output_dir)}
+    if raw_output_dir is not None:
+        folders["raw"] = Path(raw_output_dir)
     affine = model_space_affine(output_pixdim, pipeline.output_size)
     description = "labels: " + ",".join(f"{v} {n}" for v, n in enumerate(labels.names) if v)
-    settings = mask_settings(pipeline, output_pixdim)
-    cases = []
+    settings = {
+        "kept": mask_settings(pipeline, output_pixdim),
+        "raw": mask_settings(pipeline, output_pixdim, keep_largest=False),
+    }
+    cases = {kind: [] for kind in folders}
     for k in range(num_cases):
-        record = {"seed": case_seed(seed, k), **settings}
-        label = out / "labels" / f"mask_{k:04d}.nii.gz"
-        cases.append({"label": str(label), "case": label.name[:-7], "settings": record})
+        for kind, out in folders.items():
+            record = {"seed": case_seed(seed, k), **settings[kind]}
+            label = out / "labels" / f"mask_{k:04d}.nii.gz"
+            cases[kind].append({"label": str(label), "case": label.name[:-7], "settings": record})
     todo = []
-    for case in shard(cases):  # this rank's share
-        remove_temporaries(case["label"])
-        why = remake_reason(case["label"], case["settings"])
-        if why and why != "missing":
-            print(f"{case['label']}: made with other settings ({why}); remaking it")
-        todo += [case] if why else []
+    for k in shard(range(num_cases)):  # this rank's share
+        stale = False
+        for kind in folders:
+            case = cases[kind][k]
+            remove_temporaries(case["label"])
+            why = remake_reason(case["label"], case["settings"])
+            if why and why != "missing":
+                print(f"{case['label']}: made with other settings ({why}); remaking it")
+            stale = stale or bool(why)
+        todo += [k] if stale else []
     step = pipeline.batch_size
     for start in tqdm(range(0, len(todo), step), desc="mask volumes", disable=not todo):
         batch = todo[start : start + step]
-        volumes = pipeline([c["settings"]["seed"] for c in batch])
-        for case, volume in zip(batch, volumes):
-            label = volume.numpy().astype("uint8")
-            save_nifti(label, affine, case["label"], description, record=case["settings"])
-    path = (out / "datalist.json").absolute()
-    remove_temporaries(path)
-    rank0_writes(
-        lambda: write_datalist(
-            path,
-            [{**c, "seed": c["settings"]["seed"]} for c in cases],
-            labels,
-            modality,
-            "generated_masks",
-            masks_only=True,
-            seed=seed,
-            steps=pipeline.steps,
-            guidance=pipeline.guidance,
-            generator_training_cases=dict(generators or {}),
+        seeds = [cases["kept"][k]["settings"]["seed"] for k in batch]
+        raw, kept = pipeline.sample(seeds, keep=pipeline.keep_largest)
+        volumes = {"raw": raw, "kept": raw if kept is None else kept}
+        for kind in folders:
+            for k, volume in zip(batch, volumes[kind]):
+                case = cases[kind][k]
+                label = volume.numpy().astype("uint8")
+                save_nifti(label, affine, case["label"], description, record=case["settings"])
+    for kind, out in folders.items():
+        path = (out / "datalist.json").absolute()
+        remove_temporaries(path)
+        rank0_writes(
+            lambda path=path, kind=kind: write_datalist(
+                path,
+                [{**c, "seed": c["settings"]["seed"]} for c in cases[kind]],
+                labels,
+                modality,
+                "generated_masks",
+                masks_only=True,
+                seed=seed,
+                steps=pipeline.steps,
+                guidance=pipeline.guidance,
+                generator_training_cases=dict(generators or {}),
+            )
         )
-    )
-    return path
+    return (folders["kept"] / "datalist.json").absolute()

@@ -135,10 +135,23 @@ class MaskPipeline:
         ``postprocess=False`` returns them as sampled (no ``keep_largest``); ``z0`` fixes each
         volume's first window start on the model grid instead of drawing it from its seed.
         """
-        out = []
+        raw, kept = self.sample(seeds, z0, progress, postprocess and self.keep_largest)
+        return kept if kept is not None else raw
+
+    def sample(
+        self,
+        seeds: Sequence[int],
+        z0: Sequence[int] | None = None,
+        progress: bool = False,
+        keep: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The volumes ``(len(seeds), H, W, depth)`` as sampled and, if ``keep``, after
+        ``keep_largest`` (else ``None``): both from one sampling run, so a caller can keep the
+        raw masks beside the written ones at no extra cost."""
+        raw, kept = [], []
         for start in range(0, len(seeds), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            volumes = sample_mask_volumes(
+            grown = sample_mask_volumes(
                 self.network,
                 self.scheduler,
                 self.num_classes,
@@ -154,10 +167,12 @@ class MaskPipeline:
                 bf16=self.bf16,
                 eta=self.eta,
             )
-            keep = postprocess and self.keep_largest
-            volumes = resample_depth(self._keep_largest(volumes) if keep else volumes, self.depth)
-            if keep and self.depth < self.spatial_size[2]:  # dropping slices can split a piece
-                volumes = self._keep_largest(volumes)
-            out.append(volumes)
-        h, w, d = self.output_size
-        return torch.cat(out) if out else torch.zeros(0, h, w, d, dtype=torch.long)
+            raw.append(resample_depth(grown, self.depth))
+            if keep:
+                volumes = resample_depth(self._keep_largest(grown), self.depth)
+                if self.depth < self.spatial_size[2]:  # dropping slices can split a piece
+                    volumes = self._keep_largest(volumes)
+                kept.append(volumes)
+        empty = torch.zeros(0, *self.output_size, dtype=torch.long)
+        raw = torch.cat(raw) if raw else empty
+        return raw, (torch.cat(kept) if kept else empty) if keep else None
