@@ -3,7 +3,10 @@
 Both checkpoints train on the same cases with the same preset and budget; each samples the
 same seeds with its own samplers (DDPM-1000, DDIM-20/50 for the noise model; RFlow-10/30 for
 the flow model). Quality is measured on the raw masks (before keep-largest) and after it,
-against held-out real masks nothing trained on; time is seconds per volume on this machine::
+against held-out real masks nothing trained on; time is seconds per volume on this machine.
+Each sampled volume is kept (``OUT/<objective>_volumes/<sampler>/seed<k>.npz``, with its
+seconds), so a stopped run resumes at the next volume (DDPM-1000 at 64^3 takes most of an hour
+a volume on one CPU thread)::
 
     OMP_NUM_THREADS=1 python benchmarks/objectives.py --ddpm N16/models/model.pt \\
         --rflow RFLOW/models/model.pt --real cohort/heldout.json --volumes 8 --out OUT \\
@@ -24,7 +27,7 @@ import torch
 
 from benchmarks import suite
 from common.core.errors import DataError
-from common.core.io import read_json, write_json
+from common.core.io import atomic_path, read_json, write_json
 from common.masks.mcdpm import keep_single_components
 
 SETTINGS = {
@@ -33,18 +36,36 @@ SETTINGS = {
 }
 
 
+def sample_kept(sampling, seeds: range, folder: Path) -> tuple[list[np.ndarray], list[float]]:
+    """Raw volumes and seconds per volume of ``seeds`` (``suite.sample_timed``, one volume a
+    call), each read from ``folder/seed<k>.npz`` when a run before made it, else sampled and
+    written there (atomically)."""
+    masks, seconds = [], []
+    for seed in seeds:
+        path = folder / f"seed{seed}.npz"
+        if not path.is_file():
+            volume, took = suite.sample_timed(sampling, [seed])
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, mask=volume[0], seconds=took[0])
+        with np.load(path) as kept:
+            masks.append(kept["mask"])
+            seconds.append(float(kept["seconds"]))
+    return masks, seconds
+
+
 def sample_rows(
-    ckpt: str, objective: str, volumes: int, real: tuple, scale: str = "demo"
+    ckpt: str, objective: str, volumes: int, real: tuple, scale: str, folder: Path
 ) -> list[dict]:
     """Every sampler of ``objective`` on ``ckpt`` (trained at ``scale``): seconds per volume,
-    raw and kept quality."""
+    raw and kept quality; volumes kept in ``folder/<sampler>/``."""
     config = suite.mask_config(scale, sampler=SETTINGS[objective][-1].split(":")[0])
     pipeline = suite.mask_pipeline(config, ckpt)
     rows = []
     for text in SETTINGS[objective]:
         sampler = suite.Sampler.parse_setting(text, volumes)
         sampling = suite.with_sampler(pipeline, config, sampler)
-        masks, seconds = suite.sample_timed(sampling, range(volumes))
+        masks, seconds = sample_kept(sampling, range(volumes), folder / sampler.name)
         single = pipeline.single_component
         kept = [keep_single_components(torch.from_numpy(v), single) for v in masks]
         rows.append(
@@ -118,7 +139,16 @@ def main(
         if ckpts[objective] is None:
             raise SystemExit(f"--{objective} CKPT is needed to sample the {objective} side")
         start = time.time()
-        rows = sample_rows(ckpts[objective], objective, volumes, reference, scale)
+        folder = out_dir / f"{objective}_volumes"
+        made_by = {"ckpt": ckpts[objective], "scale": scale}
+        if (folder / "made_by.json").is_file() and read_json(folder / "made_by.json") != made_by:
+            raise DataError(
+                str(folder),
+                f"holds volumes of {read_json(folder / 'made_by.json')}, not {made_by}",
+                "use another --out, or delete it to sample again",
+            )
+        write_json(made_by, folder / "made_by.json")
+        rows = sample_rows(ckpts[objective], objective, volumes, reference, scale, folder)
         meta = {
             "ckpt": ckpts[objective],
             "scale": scale,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,38 @@ def test_mask_windows_splits_slice_pairs_at_seams(tiny_segthor_datalist, tmp_pat
     )
     assert [r["given"] for r in rows] == [2, 3] and out.is_file()
     assert set(rows[0]["slice_dice"]) == {"esophagus", "heart", "trachea", "aorta"}
+
+
+def test_objectives_resume_volume_by_volume(tiny_segthor_datalist, tmp_path, monkeypatch):
+    """A stopped comparison keeps every volume it sampled: the rerun reads them (same
+    table), and volumes of another checkpoint in the same folder are refused."""
+    import torch
+
+    from benchmarks import objectives
+    from common.core.errors import DataError
+    from medgen3d.bundles import bundle_config
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    network = bundle_config("mask_diffusion", "tiny", "thorax").get_parsed_content("network_def")
+    torch.save(network.state_dict(), ckpt)
+    monkeypatch.setattr(objectives, "SETTINGS", {"ddpm": ("ddpm:3", "ddim:2")})
+    run = {"real": str(tiny_segthor_datalist), "volumes": 2, "scale": "tiny"}
+    out = tmp_path / "out"
+    objectives.main(**run, ddpm=str(ckpt), out=str(out), objectives="ddpm")
+    first = (out / "ddpm.json").read_text()
+    kept = sorted((out / "ddpm_volumes").rglob("seed*.npz"))
+    assert [p.parent.name + "/" + p.name for p in kept] == [
+        "DDIM-2 eta=1/seed0.npz",
+        "DDIM-2 eta=1/seed1.npz",
+        "DDPM-3/seed0.npz",
+        "DDPM-3/seed1.npz",
+    ]
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    (out / "ddpm.json").unlink()  # as if stopped before the end
+    objectives.main(**run, ddpm=str(ckpt), out=str(out), objectives="ddpm")
+    assert [p.stat().st_mtime_ns for p in kept] == stamps  # read, not sampled again
+    assert objectives.read_json(out / "ddpm.json")["rows"] == json.loads(first)["rows"]
+    (out / "ddpm.json").unlink()
+    with pytest.raises(DataError, match="holds volumes of"):
+        objectives.main(**run, ddpm=str(tmp_path / "other.pt"), out=str(out), objectives="ddpm")
