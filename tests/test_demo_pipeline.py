@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import fidelity
 from common.core.errors import DataError
 from common.data.validate import validate_datalist
 from common.masks.mcdpm import keep_single_components
@@ -77,6 +78,16 @@ def test_thorax_demo_with_shipped_weights(tmp_path, capsys):
     ]
     assert summaries[0]["components_gen"] == 1.0  # one piece per organ after keep-largest
     assert summaries[1]["components_gen"] >= 1.0 and summaries[1] != summaries[0]
+    # the #18 fidelity table reads the same files
+    rows = fidelity.run_rows(out)
+    raw = json.loads((out / "evaluation" / "masks_raw" / "mask_metrics.json").read_text())
+    pieces = raw["labels"]["heart"]["components_gen"]
+    assert rows["heart: pieces, raw (kept)"] == (f"{pieces:.1f} (1.0)", pieces <= 1.5)
+    assert set(rows) >= {
+        "mean: agreement (Dice synthetic / real)",
+        "refiner: paired MAE, generator -> refined",
+    }
+    assert "| heart: pieces, raw (kept) |" in fidelity.table([out, out], ["a", "b"])
 
 
 @pytest.mark.slow
