@@ -152,3 +152,16 @@ def test_objectives_resume_volume_by_volume(tiny_segthor_datalist, tmp_path, mon
     (out / "ddpm.json").unlink()
     with pytest.raises(DataError, match="holds volumes of"):
         objectives.main(**run, ddpm=str(tmp_path / "other.pt"), out=str(out), objectives="ddpm")
+
+
+def test_mask_pieces_splits_specks_from_fragments():
+    from benchmarks.mask_pieces import label_row
+
+    mask = np.zeros((12, 12, 12), np.uint8)
+    mask[1:3, 1:3, 1:4] = 1  # 12 voxels
+    mask[8, 8, 8] = mask[10, 2, 10] = 1  # two one-voxel specks
+    mask[5:8, 5:8, 0] = 1  # a 9-voxel fragment
+    row = label_row([mask, np.zeros_like(mask)], 1)  # the second volume has no label 1
+    assert row["pieces"] == 2.0 and row["large"] == 1.0  # means over the two volumes
+    assert row["speck_share"] == pytest.approx(0.25)  # (2 of 4) / 2
+    assert row["outside_largest"] == pytest.approx((1 - 12 / 23) / 2)
