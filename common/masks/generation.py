@@ -16,12 +16,8 @@ from common.data.transforms import model_space_affine
 from common.masks.pipeline import MaskPipeline
 
 
-def mask_settings(
-    pipeline: MaskPipeline, output_pixdim: Sequence[float], keep_largest: bool = True
-) -> dict:
-    """Everything besides the seed that a mask volume depends on (JSON); ``keep_largest=False``:
-    of the volumes as sampled."""
-    keep_largest = keep_largest and pipeline.keep_largest
+def mask_settings(pipeline: MaskPipeline, output_pixdim: Sequence[float]) -> dict:
+    """Everything besides the seed that a mask volume depends on (JSON)."""
     return {
         "sampler": type(pipeline.scheduler).__name__,
         "steps": pipeline.steps,
@@ -30,8 +26,8 @@ def mask_settings(
         "m": pipeline.m,
         "n": pipeline.n,
         "spatial_size": pipeline.output_size,
-        "keep_largest": keep_largest,
-        "single_component": pipeline.single_component if keep_largest else [],
+        "keep_largest": pipeline.keep_largest,
+        "single_component": pipeline.single_component if pipeline.keep_largest else [],
         "pixdim": [float(p) for p in output_pixdim],
         "weights": weights_fingerprint(pipeline.network),
     }
@@ -69,10 +65,9 @@ def generate_mask_cases(
         folders["raw"] = Path(raw_output_dir)
     affine = model_space_affine(output_pixdim, pipeline.output_size)
     description = "labels: " + ",".join(f"{v} {n}" for v, n in enumerate(labels.names) if v)
-    settings = {
-        "kept": mask_settings(pipeline, output_pixdim),
-        "raw": mask_settings(pipeline, output_pixdim, keep_largest=False),
-    }
+    kept_settings = mask_settings(pipeline, output_pixdim)
+    raw_settings = {**kept_settings, "keep_largest": False, "single_component": []}
+    settings = {"kept": kept_settings, "raw": raw_settings}
     cases = {kind: [] for kind in folders}
     for k in range(num_cases):
         for kind, out in folders.items():

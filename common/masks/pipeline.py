@@ -175,4 +175,6 @@ class MaskPipeline:
                 kept.append(volumes)
         empty = torch.zeros(0, *self.output_size, dtype=torch.long)
         raw = torch.cat(raw) if raw else empty
-        return raw, (torch.cat(kept) if kept else empty) if keep else None
+        if not keep:
+            return raw, None
+        return raw, torch.cat(kept) if kept else empty
