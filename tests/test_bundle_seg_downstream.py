@@ -312,6 +312,9 @@ def test_monai_label_style_training_loads_weights_into_network(tiny_segthor_data
     (bundle / "models").mkdir()
     torch.save(pretrained, bundle / "models" / "model.pt")
     handlers = parser.get("train#handlers", [])
+    # MONAI Label 0.8.5 looks for a CheckpointLoader among the handlers exactly so: every
+    # handler must be a dict (a bare "@train#steps" reference failed its /train/)
+    assert not [t for t in handlers if t.get("_target_") == "CheckpointLoader"]
     loader = {
         "_target_": "CheckpointLoader",
         "load_path": str(bundle / "models" / "model.pt"),

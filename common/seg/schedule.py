@@ -63,7 +63,7 @@ class StepSampler(Sampler[int]):
     ``num_cases`` when ``epoch_length`` is None), cut from the stream of permutations
     ``default_rng([seed, p]).permutation(num_cases)``, p = 0, 1, ...
 
-    ``attach(trainer)`` moves it to each epoch (ignite's 1-based ``state.epoch``) as it starts.
+    ``FollowEpochs(sampler)``, a trainer handler, moves it to each epoch as it starts.
     """
 
     def __init__(self, num_cases: int, batch_size: int, epoch_length: int | None, seed: int = 0):
@@ -72,9 +72,6 @@ class StepSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.set_epoch(e.state.epoch))
 
     def __len__(self) -> int:
         return self.size
@@ -90,3 +87,18 @@ class StepSampler(Sampler[int]):
         )
         offset = start - first * self.num_cases
         return iter(stream[offset : offset + self.size].tolist())
+
+
+class FollowEpochs:
+    """Trainer handler: sets ``sampler``'s epoch to ignite's 1-based ``state.epoch`` as each
+    epoch starts, so a resumed run draws the cases it would have drawn. In a config it is a
+    ``_target_`` entry of the train handlers, as MONAI Label's trainer needs every handler to
+    be (a bare reference there fails its ``/train/``)."""
+
+    def __init__(self, sampler: StepSampler):
+        self.sampler = sampler
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(
+            Events.EPOCH_STARTED, lambda e: self.sampler.set_epoch(e.state.epoch)
+        )
