@@ -34,8 +34,10 @@ from common.core.io import write_json
 from common.data.splits import split_datalist
 from common.seg.study import seg_study
 from medgen3d.bundles import BUNDLES, TRAIN_STAGES
-from medgen3d.demo import SCALE, make_cohort, train_generators
+from medgen3d.demo import make_cohort, train_generators
 from medgen3d.pairs import generate_pairs
+
+SCALE = "demo"  # the presets of every stage (the results in benchmarks/results.md)
 
 COHORT_CASES, HELDOUT, COHORT_SEED = 24, 8, 0
 # optimiser steps per generator stage, and the config key of the stage's batch size
@@ -72,7 +74,7 @@ def generators(train: Path, n: int, folder: Path) -> Path:
     if not done.is_file():
         start = time.time()
         epochs = stage_epochs(n)
-        train_generators(train, "thorax", folder / "models", epochs)
+        train_generators(train, "thorax", folder / "models", epochs, SCALE)
         record = {"datalist": str(train), "epochs": epochs, "steps": BUDGET}
         write_json({**record, "seconds": round(time.time() - start)}, done)
     return folder / "models"

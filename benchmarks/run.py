@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(default: the demo weights' training cases, data/thorax_demo/train.json, made if missing)",
     )
     parser.add_argument(
-        "--ckpt", default=str(suite.REPO / "bundles/mask_diffusion/models/model.pt")
+        "--ckpt", default=str(suite.REPO / "bundles/mask_diffusion/models/demo/model.pt")
     )
     parser.add_argument(
         "--samplers",
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def demo_training_cases() -> Path:
     """``data/thorax_demo/train.json``: the 16 cases the demo weights were trained on (the
-    first 16 of the 24-case seed-0 cohort, as in models/PROVENANCE.md), made when missing."""
+    first 16 of the 24-case seed-0 cohort, as in models/demo/PROVENANCE.md), made when missing."""
     if not suite.TRAIN_DATALIST.exists():
         from common.data.splits import split_datalist
         from medgen3d.demo_data.thorax import make_thorax_cohort

@@ -52,7 +52,7 @@ EVALUATE_STAGES = {
 
 
 def bundle_config(
-    bundle: str, scale: str | None = "demo", dataset: str | None = "thorax", **overrides
+    bundle: str, scale: str | None = "standard", dataset: str | None = "thorax", **overrides
 ) -> ConfigParser:
     """A bundle's ``inference.yaml`` with the scale and dataset presets and ``overrides``."""
     return bundle_parser(BUNDLES / bundle, ("inference.yaml",), scale, dataset, overrides)

@@ -98,7 +98,7 @@ def seg_study(
     networks: str = "unet3d",
     regimes: str = "E2-1,E2-2,E2-3,E2-4,E2-5",
     out: str = "outputs/seg_study",
-    scale: str = "demo",
+    scale: str = "standard",
     **options,
 ) -> str:
     """Does synthetic data help segmentation? Train and test networks on real, synthetic and
@@ -111,7 +111,7 @@ def seg_study(
         regimes: comma-separated: E2-1 real, E2-2 synthetic, E2-3 real+synthetic,
             E2-4 synthetic then real, E2-5 real+synthetic then real, E3 transfer.
         out: output folder; finished stages are kept on a rerun.
-        scale: the seg_downstream scale preset (tiny, demo, paper) or a YAML file.
+        scale: the seg_downstream scale preset (tiny, demo, standard, paper) or a YAML file.
         options: dataset (thorax, brain: its field of view), test (a datalist of held-out
             test cases, none of them in REAL; default: test_cases split off REAL), seeds
             (training repeats: mean ± sd and 95% bootstrap intervals of the differences to
@@ -154,14 +154,15 @@ def generate(
 ) -> str:
     """Paired synthetic volumes (mask + image NIfTI and a datalist) from the trained bundles.
 
-    Uses the shipped demo weights unless the bundles' models/ hold others. A rerun keeps
-    finished cases; each case records its seed so it can be remade exactly.
+    Uses the shipped weights of the scale and dataset (standard thorax: the bundles' models/).
+    A rerun keeps finished cases; each case records its seed so it can be remade exactly.
 
     Args:
         n: number of paired volumes.
         out: output folder: masks/, images/, images_sequence/ and datalist.json.
         seed: run seed; case k depends only on (seed, k).
-        sampler: mask sampler, ddim or ddpm (default: the bundle config's, DDIM).
+        sampler: mask sampler: rflow for a flow-trained MC-DPM (the standard weights), ddim or
+            ddpm for a noise-trained one (the demo weights); default: the bundle config's.
         steps: mask sampling steps, 1 to 1000 with any sampler (DDPM/DDIM respaced to them;
             default: the bundle config's).
         refine: run the three-view diffusion refiner (--norefine: sequence generator only).
@@ -219,15 +220,15 @@ def demo(
         dataset: ``thorax`` (shipped weights, minutes) or ``brain`` (needs --train or
             --weights).
         out: output folder; a rerun keeps finished volumes and study stages.
-        train: first retrain every generator stage at the scale (demo: about 80 min on
-            2 CPU cores for the thorax).
+        train: first retrain every generator stage at the scale (standard: hours on 2 CPU
+            cores, models/PROVENANCE.md; demo: about 80 min for the thorax).
         n: synthetic pairs to generate.
         seed: cohort and generation seed.
-        options: scale (every stage's presets: demo, the default and the shipped weights'
-            32^3; standard, 64^3; or tiny), weights (a folder of generator weights trained
+        options: scale (every stage's presets: standard, the default, 64^3; demo, 32^3;
+            or tiny), weights (a folder of generator weights trained
             at that scale, laid out as --train writes OUT/models), cases, heldout, sampler,
             steps, epochs (generator training), seg_iterations (optimiser steps of each
-            segmentation training; default: the scale preset's), seeds (default 3),
+            segmentation training; default: the scale preset's study budget), seeds (default 2),
             seg_regimes (default E2-1,E2-3).
     Returns the path of the report.
     """
@@ -240,7 +241,7 @@ def demo(
 
 def train(
     stage: str,
-    scale: str = "demo",
+    scale: str = "standard",
     dataset: str = "thorax",
     out: str | None = None,
     **overrides,
@@ -250,7 +251,7 @@ def train(
     Args:
         stage: masks (mask_diffusion), generator / refiner (image_synthesis; refiner takes
             --view axial|coronal|sagittal) or seg (seg_downstream).
-        scale: tiny, demo, paper or a YAML file merged over the train config.
+        scale: tiny, demo, standard, paper or a YAML file merged over the train config.
         dataset: thorax, brain or a YAML file, merged after the scale.
         out: checkpoints go to OUT/models, logs to OUT/runs (default outputs/train/STAGE).
         overrides: any config key, e.g. --dataset_dir data/x --datalist data/x/train.json
@@ -262,7 +263,7 @@ def train(
     return run_stage(TRAIN_STAGES, stage, scale, dataset, overrides)
 
 
-def evaluate(stage: str, scale: str = "demo", dataset: str = "thorax", **overrides) -> str:
+def evaluate(stage: str, scale: str = "standard", dataset: str = "thorax", **overrides) -> str:
     """Run one bundle's evaluation config (the command is printed first).
 
     Args:
@@ -270,7 +271,7 @@ def evaluate(stage: str, scale: str = "demo", dataset: str = "thorax", **overrid
             after `export_real`) or seg (--ckpt_path C --datalist D with a test section;
             --synthetic_datalist S refuses test cases that S's generators saw in training,
             --allow_overlap True goes on knowingly).
-        scale: tiny, demo, paper or a YAML file; dataset: thorax, brain or a YAML file.
+        scale: tiny, demo, standard, paper or a YAML file; dataset: thorax, brain or a YAML file.
         overrides: any config key of that bundle.
     """
     from medgen3d.bundles import EVALUATE_STAGES, run_stage
@@ -283,7 +284,7 @@ def agreement(
     synthetic: str,
     real: str,
     out: str = "outputs/agreement",
-    scale: str = "demo",
+    scale: str = "standard",
     dataset: str | None = None,
     network: str | None = None,
 ) -> str:
@@ -299,7 +300,7 @@ def agreement(
         real: datalist of held-out real cases that neither the segmenter nor the generators saw.
         out: output folder.
         scale, dataset, network: the presets and network the segmenter was trained with
-            (default: demo, the base configs' field of view, the config's network).
+            (default: standard, the base configs' field of view, the config's network).
     Returns the table (markdown).
     """
     from common.seg.agreement import agreement as measure_agreement

@@ -13,19 +13,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.core.bundle_configs import SCALES
 from common.core.errors import DataError
+from common.core.io import load_weights
 from common.data.datalists import read_datalist
 from common.data.splits import split_datalist
 from common.data.validate import require_valid
-from common.images.generation import evaluate_synthesis, export_model_space
+from common.images.generation import evaluate_synthesis, export_model_space, real_encoder
 from common.masks.metrics import evaluate_against_real
 from common.seg.agreement import agreement
-from medgen3d.bundles import BUNDLES, TRAIN_STAGES, bundle_config, run_stage, train_overrides
+from medgen3d.bundles import TRAIN_STAGES, bundle_config, run_stage, train_overrides
 from medgen3d.demo_data import make_demo_cohort
 from medgen3d.pairs import generate_pairs
 
 DATASETS = ("thorax", "brain")
-SCALE = "demo"  # the default scale: the shipped weights'
+SCALE = "standard"  # the default scale: the base configs'
 VIEWS = ("axial", "coronal", "sagittal")
 EPOCH_KEYS = {"masks": "max_epochs", "generator": "gen_max_epochs", "refiner": "sdm_max_epochs"}
 
@@ -69,19 +71,52 @@ def _missing(weights: Weights, scale: str, dataset: str) -> list[str]:
     return [str(p) for p in needed if not p.is_file()]
 
 
+def _unfit(weights: Weights, scale: str, dataset: str) -> str | None:
+    """Why a file of ``weights`` does not load into the networks of ``scale`` and ``dataset``
+    (weights of another scale or label set), or None; checked before any work."""
+    masks = bundle_config("mask_diffusion", scale, dataset)
+    images = bundle_config("image_synthesis", scale, dataset)
+    checks = [(masks.get_parsed_content("network_def"), weights.mask_ckpt)]
+    checks.append((images.get_parsed_content("network_def"), weights.image_models / "model.pt"))
+    for view in images.get_parsed_content("sdm_views"):
+        refiner = images.get_parsed_content("refiner_def", lazy=False)
+        checks.append((refiner, weights.image_models / f"refiner_{view}.pt"))
+    for network, path in checks:
+        try:
+            load_weights(network, path)
+        except DataError as error:
+            return str(error)
+    return None
+
+
+def _shipped(dataset: str, scale: str) -> Weights:
+    """Where the bundle configs of ``scale`` and ``dataset`` put their weights (``models/`` for
+    the base configs' standard thorax, ``models/<scale>/<dataset>/`` for the others)."""
+    mask = bundle_config("mask_diffusion", scale, dataset).get_parsed_content("ckpt_path")
+    images = bundle_config("image_synthesis", scale, dataset).get_parsed_content("ckpt_dir")
+    return Weights(Path(mask), Path(images), f"shipped {scale} {dataset} weights")
+
+
+def _ships(weights: Weights, scale: str, dataset: str) -> bool:
+    """Whether ``weights`` are all there and fit the networks of ``scale`` and ``dataset``."""
+    return not _missing(weights, scale, dataset) and _unfit(weights, scale, dataset) is None
+
+
 def shipped_weights(dataset: str, scale: str) -> Weights:
-    """The bundles' own ``models/`` (thorax, demo scale); others need ``--train`` or
-    ``--weights``."""
-    weights = Weights(
-        BUNDLES / "mask_diffusion" / "models" / "model.pt",
-        BUNDLES / "image_synthesis" / "models",
-        "shipped demo weights (bundles/*/models)",
-    )
-    missing = _missing(weights, scale, dataset)
-    if dataset != "thorax" or scale != SCALE or missing:
+    """The weights the bundles ship for ``dataset`` at ``scale`` (present, and fitting that
+    scale's networks); others need ``--train`` or ``--weights``."""
+    weights = _shipped(dataset, scale)
+    if not _ships(weights, scale, dataset):
+        shipped = [
+            f"{d} at the {s} scale"
+            for s in SCALES
+            for d in DATASETS
+            if _ships(_shipped(d, s), s, d)
+        ]
         raise DataError(
-            ", ".join(missing) or f"{dataset} demo at the {scale} scale",
-            f"no shipped weights for it (only the thorax weights at the {SCALE} scale ship)",
+            ", ".join(_missing(weights, scale, dataset)) or str(weights.mask_ckpt.parent),
+            f"no shipped weights for the {dataset} demo at the {scale} scale (shipped: "
+            f"{'; '.join(shipped) or 'none'})",
             "add --train to train every generator stage first (see README for the time), or "
             "--weights DIR with weights trained at this scale",
         )
@@ -105,6 +140,11 @@ def given_weights(folder: str | Path, scale: str, dataset: str) -> Weights:
             "--weights: checkpoint not found",
             "pass a folder laid out as `medgen3d demo --train` writes OUT/models "
             f"(trained at the {scale} scale), or leave --weights out",
+        )
+    unfit = _unfit(weights, scale, dataset)
+    if unfit:
+        raise DataError(
+            "--weights", unfit, f"pass weights trained at the {scale} scale for the {dataset}"
         )
     return weights
 
@@ -193,11 +233,12 @@ def evaluate_generation(
         ckpt_dir=str(weights.image_models),
     ).get_parsed_content("synthesize")()
     value_range = images.get_parsed_content("value_range")
-    paired = evaluate_synthesis(
-        from_real, real_grid, value_range, run.out / "evaluation" / "images_from_real_masks", seed
-    )
-    unpaired = evaluate_synthesis(
-        synthetic, real_grid, value_range, run.out / "evaluation" / "synthetic_pairs", seed
+    encoder = real_encoder(real_grid, value_range, seed)  # one for both comparisons
+    paired, unpaired = (
+        evaluate_synthesis(
+            made, real_grid, value_range, run.out / "evaluation" / name, seed, encoder
+        )
+        for made, name in ((from_real, "images_from_real_masks"), (synthetic, "synthetic_pairs"))
     )
     return {
         "masks": mask_metrics,
@@ -221,7 +262,7 @@ def run_demo(
     steps: int | None = None,
     epochs: int | None = None,
     seg_iterations: int | None = None,
-    seeds: int = 3,
+    seeds: int = 2,
     seg_regimes: str = "E2-1,E2-3",
     scale: str = SCALE,
     weights: str | Path | None = None,
@@ -229,7 +270,8 @@ def run_demo(
     """The whole demo; returns the path of ``OUT/report.md``.
 
     Args:
-        dataset: ``thorax`` (shipped weights) or ``brain`` (needs ``train`` or ``weights``).
+        dataset: ``thorax`` or ``brain`` (shipped weights where they ship for ``scale``, else
+            ``train`` or ``weights``).
         train: first train every generator stage at ``scale`` on the cohort.
         cases, heldout: cohort size and the last cases kept out of generator training; the
             shipped thorax weights were trained on the first 16 of 24 cases with seed 0.
@@ -237,11 +279,12 @@ def run_demo(
             mask_diffusion config's).
         epochs: override the epochs of every generator training stage (default: preset's).
         seg_iterations: optimiser steps of each segmentation training (default: the
-            seg_downstream ``scale`` preset's max_iterations).
+            seg_downstream ``scale`` preset's study budget, ``study_iterations``).
         seeds: segmentation trainings per regime (seeds seed, seed + 1, ...).
         seg_regimes: the regimes of the segmentation study, e.g. E2-1,E2-2,E2-3.
-        scale: the presets of every stage (``demo``: 32^3, the shipped weights; ``standard``:
-            64^3; ``tiny``: tests), their grid, networks and budgets.
+        scale: the presets of every stage (``standard``: 64^3, the base configs and the
+            shipped thorax and brain weights; ``demo``: 32^3, shipped thorax weights; ``tiny``:
+            tests), their grid, networks and budgets.
         weights: a folder of generator weights trained at ``scale`` before, laid out as
             ``train`` writes ``OUT/models`` (default: the shipped weights).
     """

@@ -112,12 +112,12 @@ def test_extent_mm_writes_that_many_slices_at_the_grid_spacing(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_weights_label_volumes_scale_with_the_depth():
-    """The shipped MC-DPM's 32-slice volumes (8 seeds), raw and after keep-largest, at 16, 24,
+    """The shipped demo MC-DPM's 32-slice volumes (8 seeds), raw and after keep-largest, at 16, 24,
     40 and 48 slices as the pipeline makes them (``test_other_depths_are_the_grid_volume_
     resampled``): every label's voxels scale with the depth within 10% (the farthest, 1.05x of
     0.5x, is the trachea), and its z-continuity (Dice of consecutive slices) drops by at most
     0.12."""
-    pipeline = bundle_config("mask_diffusion", None, None, device="cpu").get_parsed_content(
+    pipeline = bundle_config("mask_diffusion", "demo", None, device="cpu").get_parsed_content(
         "pipeline"
     )
     raw = pipeline(list(range(8)), postprocess=False)
@@ -166,7 +166,7 @@ def test_refiner_pads_slices_its_levels_cannot_halve():
 @pytest.mark.parametrize("depth", [16, 48, 13])
 def test_shipped_image_stage_at_any_depth(depth):
     """The shipped sequence generator and all three refiners (3 levels: multiples of 4) on
-    masks of 0.5x, 1.5x and an odd number of the training grid's 32 slices."""
+    masks of 16, 48 and an odd number of slices."""
     pipeline = bundle_config("image_synthesis", None, None, device="cpu", sdm_steps=100)
     pipeline = pipeline.get_parsed_content("pipeline")
     assert sorted(pipeline.refiners) == sorted(VIEWS)

@@ -25,8 +25,9 @@ from medgen3d.cli import main
 
 SHAPE = (16, 16, 12)
 AFFINE = np.diag([3.0, 3.0, 5.0, 1.0])
-TRAIN = [
-    REPO / "bundles" / "mask_diffusion" / "configs" / c for c in ("inference.yaml", "train.yaml")
+TRAIN = [  # the demo scale: a 32^3 grid at (10, 10, 5) mm
+    REPO / "bundles" / "mask_diffusion" / "configs" / c
+    for c in ("inference.yaml", "train.yaml", "demo.yaml")
 ]
 
 

@@ -12,7 +12,7 @@ from benchmarks.report import report
 from common.masks.mcdpm import plan_rounds
 from common.masks.windows import extension_plan
 
-CKPT = suite.REPO / "bundles" / "mask_diffusion" / "models" / "model.pt"
+CKPT = suite.REPO / "bundles" / "mask_diffusion" / "models" / "demo" / "model.pt"
 
 
 def test_plan_rounds_cover_every_window_once():

@@ -49,15 +49,23 @@ def test_train_generate_evaluate(tiny_segthor_datalist, tmp_path):
     assert metrics["n_generated"] == 1 and metrics["n_real"] == 4
 
 
-def test_inference_yaml_alone_fits_the_shipped_weights():
+@pytest.mark.parametrize(
+    "preset, weights, output_pixdim, pixdim",
+    [
+        ([], "models/model.pt", [5.0, 5.0, 5.0], [5.0, 5.0, 5.0]),  # the base: standard thorax
+        (["demo.yaml"], "models/demo/model.pt", [10.0, 10.0, 10.0], [10.0, 10.0, 5.0]),
+    ],
+)
+def test_inference_yaml_fits_the_shipped_weights(preset, weights, output_pixdim, pixdim):
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "inference.yaml"))
+    parser.read_config([str(BUNDLE / "configs" / f) for f in ["inference.yaml", *preset]])
     parser["bundle_root"] = str(BUNDLE)
+    assert parser.get_parsed_content("ckpt_path") == str(BUNDLE / weights)
     network = parser.get_parsed_content("network_def")
-    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(BUNDLE / weights, map_location="cpu", weights_only=True)
     network.load_state_dict(state, strict=True)
-    assert parser.get_parsed_content("output_pixdim") == [10.0, 10.0, 10.0]
-    assert parser.get_parsed_content("pixdim") == [10.0, 10.0, 5.0]
+    assert parser.get_parsed_content("output_pixdim") == output_pixdim
+    assert parser.get_parsed_content("pixdim") == pixdim
 
 
 @pytest.mark.slow
@@ -66,7 +74,7 @@ def test_inference_yaml_alone_runs(tmp_path):
     args = ["--num_cases", "1", "--steps", "2", "--output_dir", str(out)]
     monai_bundle("run", "inference", "--config_file", "configs/inference.yaml", *args, cwd=BUNDLE)
     doc = json.loads((out / "datalist.json").read_text())
-    assert nib.load(out / doc["training"][0]["label"]).shape == (32, 32, 32)
+    assert nib.load(out / doc["training"][0]["label"]).shape == (64, 64, 64)
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_thorax_demo_with_shipped_weights(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "[1/7]" in printed and "[7/7] done" in printed
     mask = nib.load(out / "synthetic" / "masks" / "labels" / "mask_0000.nii.gz")
-    assert mask.shape == (32, 32, 32)
+    assert mask.shape == (64, 64, 64)  # the standard scale, the shipped weights'
     # the raw masks evaluated are the written ones before keep-largest (one sampling run)
     raw = nib.load(out / "synthetic" / "raw_masks" / "labels" / "mask_0000.nii.gz")
     kept = keep_single_components(torch.from_numpy(np.asarray(raw.dataobj)).long(), [1, 2, 3, 4])
@@ -94,7 +94,7 @@ def test_thorax_demo_with_shipped_weights(tmp_path, capsys):
 def test_brain_demo_trains_every_generator_stage(tmp_path):
     out = tmp_path / "demo"
     small = {"cases": 6, "heldout": 3, "steps": 2, "epochs": 1, "seg_iterations": 2, "seeds": 2}
-    run_demo("brain", out, train=True, n=2, **small)
+    run_demo("brain", out, train=True, n=2, scale="demo", **small)
     check_report(out, 2)
     models = out / "models"
     assert (models / "mask_diffusion" / "models" / "model.pt").is_file()
@@ -105,7 +105,7 @@ def test_brain_demo_trains_every_generator_stage(tmp_path):
 
 def test_brain_demo_without_weights_says_to_train(tmp_path, capsys):
     with pytest.raises(DataError, match="--train"):
-        run_demo("brain", tmp_path / "demo")
+        run_demo("brain", tmp_path / "demo", scale="demo")  # demo-scale brain weights: none
     with pytest.raises(SystemExit) as stop:
         main(["demo", "--dataset", "mars", "--out", str(tmp_path / "x")])
     assert stop.value.code == 2 and "unknown demo dataset" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 given weights (tiny here), and bad weights are refused before any work starts."""
 
 import json
+import shutil
 
 import nibabel as nib
 import pytest
@@ -10,7 +11,7 @@ import torch
 import common.seg.study
 import medgen3d.demo as demo
 from common.core.errors import DataError
-from medgen3d.bundles import bundle_config
+from medgen3d.bundles import BUNDLES, bundle_config
 from medgen3d.cli import main
 from medgen3d.demo import run_demo, train_generators
 
@@ -95,7 +96,7 @@ def test_train_generators_trains_at_the_given_scale(tmp_path, monkeypatch):
     assert weights.mask_ckpt == tmp_path / "models" / "mask_diffusion" / "models" / "model.pt"
     calls.clear()
     train_generators(tmp_path / "train.json", "thorax", tmp_path / "models")
-    assert {c[1] for c in calls} == {"demo"}  # the default (benchmarks/data_efficiency.py)
+    assert {c[1] for c in calls} == {"standard"}  # the default: the base configs' scale
 
 
 def test_bad_weights_are_refused_before_any_work(tmp_path, tiny_weights, capsys):
@@ -111,8 +112,16 @@ def test_bad_weights_are_refused_before_any_work(tmp_path, tiny_weights, capsys)
         run_demo("thorax", out, scale="tiny", weights=partial)
     with pytest.raises(DataError, match="--weights and --train given together"):
         run_demo("thorax", out, train=True, scale="tiny", weights=tiny_weights)
-    with pytest.raises(DataError, match="only the thorax weights at the demo scale ship"):
-        run_demo("thorax", out, scale="standard")  # the shipped weights are demo-scale
+    with pytest.raises(DataError, match="no shipped weights for the brain demo at the demo scale"):
+        run_demo("brain", out, scale="demo")  # demo-scale weights ship for the thorax only
+    # tiny weights live in models/ like the standard ones, which do not fit the tiny networks
+    with pytest.raises(DataError, match="no shipped weights for the thorax demo at the tiny"):
+        run_demo("thorax", out, scale="tiny")
+    other_scale = tmp_path / "other_scale"  # demo-scale weights given for the tiny scale
+    for bundle in ("mask_diffusion", "image_synthesis"):
+        shutil.copytree(BUNDLES / bundle / "models" / "demo", other_scale / bundle / "models")
+    with pytest.raises(DataError, match="does not fit this network"):
+        run_demo("thorax", out, scale="tiny", weights=other_scale)
     assert not out.exists()
     with pytest.raises(SystemExit) as stop:
         main(["demo", "--out", str(out), "--train", "--weights", str(tiny_weights)])

@@ -167,10 +167,10 @@ def test_seg_evaluation_on_2_ranks_gathers_the_same_dice(tiny_segthor_datalist, 
 
 @pytest.mark.slow
 def test_generation_on_2_ranks_makes_the_same_cases(tmp_path):
-    one = generate_pairs(4, tmp_path / "one", seed=3, steps=2)
+    one = generate_pairs(4, tmp_path / "one", seed=3, steps=2, scale="demo")
     # n first: torchrun would read --n as an abbreviation of one of its own options
     gen = ("-m", "medgen3d.cli", "generate", "4", "--out", str(tmp_path / "two"), "--seed", "3")
-    torchrun(*gen, "--steps", "2")
+    torchrun(*gen, "--steps", "2", "--scale", "demo")
     two = tmp_path / "two" / "datalist.json"
     assert json.loads(one.read_text()) == json.loads(two.read_text())  # same cases and seeds
     dirs = (one.parent, two.parent)

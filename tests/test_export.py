@@ -59,6 +59,7 @@ def test_exported_bundles_generate_outside_the_repository(tmp_path):
     images, _ = export_bundle("image_synthesis", exported)
     assert (masks / "common" / "data" / "label_sets" / "segthor.yaml").is_file()
     assert (masks / "models" / "model.pt").is_file() and (masks / "LICENSE").is_file()
+    assert (masks / "models" / "demo" / "model.pt").is_file()  # every preset's shipped weights
     with zipfile.ZipFile(masks_zip) as z:
         names = z.namelist()
     assert "mask_diffusion/configs/inference.yaml" in names
@@ -73,7 +74,7 @@ def test_exported_bundles_generate_outside_the_repository(tmp_path):
     out = run_outside(elsewhere, "run", "inference", "--config_file", configs, *overrides(tiny))
     assert f"common imported from {masks / 'common'}" in out
     mask = nib.load(elsewhere / "masks" / "labels" / "mask_0000.nii.gz")
-    assert mask.shape == (32, 32, 32)
+    assert mask.shape == (64, 64, 64)
     configs = str([str(images / "configs" / "inference.yaml")])
     tiny = {
         "bundle_root": str(images),
@@ -84,7 +85,7 @@ def test_exported_bundles_generate_outside_the_repository(tmp_path):
     out = run_outside(elsewhere, "run", "inference", "--config_file", configs, *overrides(tiny))
     assert f"common imported from {images / 'common'}" in out
     case = json.loads((elsewhere / "images" / "datalist.json").read_text())["training"][0]
-    assert nib.load(elsewhere / "images" / case["image"]).shape == (32, 32, 32)
+    assert nib.load(elsewhere / "images" / case["image"]).shape == (64, 64, 64)
 
 
 @pytest.mark.slow

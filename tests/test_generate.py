@@ -28,7 +28,7 @@ HU = (-1000.0, 1000.0)
 
 
 def test_generate_one_pair_and_rerun_keeps_it(tmp_path):
-    datalist = generate_pairs(1, tmp_path / "gen", seed=3, steps=2)
+    datalist = generate_pairs(1, tmp_path / "gen", seed=3, steps=2, scale="demo")
     assert validate_datalist(datalist) == []
     case = json.loads(datalist.read_text())["training"][0]
     image = nib.load(datalist.parent / case["image"])
@@ -38,7 +38,7 @@ def test_generate_one_pair_and_rerun_keeps_it(tmp_path):
     assert (datalist.parent / case["image_sequence"]).exists() and "seed" in case
     assert case["settings"]["mask"]["settings"]["steps"] == 2  # the mask's own record
     before = (datalist.parent / case["image"]).stat().st_mtime_ns
-    generate_pairs(1, tmp_path / "gen", seed=3, steps=2)  # rerun: nothing is redone
+    generate_pairs(1, tmp_path / "gen", seed=3, steps=2, scale="demo")  # rerun: kept
     assert (datalist.parent / case["image"]).stat().st_mtime_ns == before
 
 

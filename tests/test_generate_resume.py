@@ -15,8 +15,9 @@ from bundle_helpers import REPO
 
 
 def _command(out) -> list[str]:
-    """Three pairs, masks from 2 sampling steps."""
+    """Three demo-scale (32^3) pairs, masks from 2 sampling steps."""
     args = ["generate", "--n", "3", "--out", str(out), "--seed", "3", "--steps", "2"]
+    args += ["--scale", "demo"]
     return [sys.executable, "-m", "medgen3d.cli", *args]
 
 

@@ -101,6 +101,18 @@ def test_unpaired_evaluation_trains_its_own_encoder(real, extractor):
         im.evaluate_images(other, images, other_labels, labels, SEG, CT, extractor, paired=True)
 
 
+def test_an_encoder_trained_once_gives_what_each_evaluation_would_train(real):
+    images, labels = real
+    other, other_labels = _cases(3, seed=1)
+    encoder, name = im.real_slice_encoder(images, seed=0, epochs=1)
+    given = im.evaluate_images(
+        other, images, other_labels, labels, SEG, CT, encoder, extractor_name=name
+    )
+    own = im.evaluate_images(other, images, other_labels, labels, SEG, CT, encoder_epochs=1)
+    assert given["feature_extractor"] == own["feature_extractor"] == name
+    assert given["fid"] == pytest.approx(own["fid"]) and given["mmd"] == pytest.approx(own["mmd"])
+
+
 def test_diversity_is_one_for_copies_and_lower_for_different_volumes(real):
     images, _ = real
     copies = im.diversity(np.repeat(images[:1], 3, axis=0))

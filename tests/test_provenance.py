@@ -33,14 +33,21 @@ from medgen3d.cli import main
 from medgen3d.pairs import generate_pairs
 
 BUNDLES = REPO / "bundles"
-SHIPPED = {
-    "mask_generator": BUNDLES / "mask_diffusion" / "models" / "model.pt",
-    "sequence_generator": BUNDLES / "image_synthesis" / "models" / "model.pt",
-    **{
-        f"refiner_{v}": BUNDLES / "image_synthesis" / "models" / f"refiner_{v}.pt"
-        for v in ("axial", "coronal", "sagittal")
-    },
-}
+
+
+def shipped(folder: str = "") -> dict:
+    """The shipped generator weights in ``models/<folder>`` (the base's: standard, thorax)."""
+    return {
+        "mask_generator": BUNDLES / "mask_diffusion" / "models" / folder / "model.pt",
+        "sequence_generator": BUNDLES / "image_synthesis" / "models" / folder / "model.pt",
+        **{
+            f"refiner_{v}": BUNDLES / "image_synthesis" / "models" / folder / f"refiner_{v}.pt"
+            for v in ("axial", "coronal", "sagittal")
+        },
+    }
+
+
+SHIPPED = shipped()
 FIRST_16 = [f"thorax_{i:03d}" for i in range(16)]
 
 
@@ -181,16 +188,19 @@ def test_generator_trainings_record_their_cases_in_every_checkpoint(
         CheckpointLoader(str(final), {"model": network})(Engine(lambda e, b: None))
 
 
-def test_shipped_weights_record_the_first_16_demo_cases():
-    """The demo weights: `medgen3d demo-data --dataset thorax --cases 24 --seed 0`, the first
-    16 cases (15 train, thorax_015 validating), as each models/PROVENANCE.md says."""
-    for name, path in SHIPPED.items():
+@pytest.mark.parametrize("folder", ["", "demo"])
+def test_shipped_thorax_weights_record_the_first_16_demo_cases(folder):
+    """The standard and the demo thorax weights: `medgen3d demo-data --dataset thorax --cases 24
+    --seed 0`, the first 16 cases (15 train, thorax_015 validating), as each
+    models/PROVENANCE.md says; stored in float16 (`medgen3d store-half`)."""
+    for name, path in shipped(folder).items():
         record = checkpoint_record(path)
         assert [c["id"] for c in record["cases"]] == FIRST_16, name
         assert [c["role"] for c in record["cases"]] == ["train"] * 15 + ["val"], name
-        assert record["datalists"] == ["data/thorax_demo/train.json"], name
+        assert [Path(p).name for p in record["datalists"]] == ["train.json"], name
         state = torch.load(path, weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in state.values()), name
+        assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
 
 
 # ---------------------------------------------------------------- synthetic datalists

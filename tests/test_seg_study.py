@@ -13,6 +13,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.metrics import DiceMetric
 
+from common.core.bundle_configs import bundle_parser
 from common.core.errors import DataError
 from common.core.io import save_nifti, start_from
 from common.data.splits import split_datalist
@@ -34,7 +35,7 @@ from common.seg.regimes import (
     with_control,
 )
 from common.seg.schedule import StepSampler, StepSchedule, step_schedule
-from common.seg.study import seg_study
+from common.seg.study import REPO_BUNDLE, seg_study, study_settings
 
 REAL = [{"image": f"r{i}.nii.gz", "label": f"r{i}_lab.nii.gz"} for i in range(16)]
 SYNTHETIC = [{"image": f"s{i}.nii.gz", "label": f"s{i}_lab.nii.gz"} for i in range(30)]
@@ -377,3 +378,27 @@ def test_tiny_study_by_epochs_shows_the_unequal_steps(real_and_test, tmp_path):
     table, runs = _tiny_study(real_and_test, tmp_path / "study", max_iterations=0, max_epochs=2)
     assert sorted((r["regime"], r["steps"]) for r in runs) == [("E2-1", [2]), ("E2-3", [4])]
     assert "| E2-1 | 2 |" in table and "| E2-3 | 4 |" in table and CONTROL not in table
+
+
+def test_the_study_budget_is_study_iterations_where_a_preset_sets_it():
+    """At 64^3 the study trains 160 steps a stage (the shipped model trained 2000); the other
+    scales' study trains their max_iterations; a given or overridden budget wins."""
+
+    def steps(scale, overrides=None, given=None):
+        settings = study_settings(REPO_BUNDLE, scale, "thorax", overrides or {}, given or {})
+        return settings["max_iterations"], settings["finetune_iterations"]
+
+    assert steps("standard") == (160, 80)
+    assert steps("demo") == (240, 120) and steps("tiny")[0] == 2 and steps("paper")[0] == 10000
+    assert steps("standard", given={"max_iterations": 60})[0] == 60
+    assert steps("standard", overrides={"max_iterations": 80})[0] == 80
+
+
+@pytest.mark.parametrize("scale", ["tiny", "demo", "standard", "paper"])
+def test_every_scale_validates_within_its_study_stages(scale):
+    """The study's training and fine-tuning stages are whole multiples of the preset's
+    val_interval (else step_schedule refuses them)."""
+    settings = study_settings(REPO_BUNDLE, scale, "thorax", {}, {})
+    every = bundle_parser(REPO_BUNDLE, ["train.yaml"], scale, "thorax")["val_interval"]
+    for key in ("max_iterations", "finetune_iterations"):
+        step_schedule(settings[key], settings["max_epochs"], every, 8, 2)

@@ -45,9 +45,11 @@ def test_the_standard_networks_build_and_the_small_scales_keep_their_framing(bun
         for name in ("unet2d", "unetr", "swinunetr"):
             parser["network_name"] = name
             parser.get_parsed_content("network_def", lazy=False)
-    for scale in (None, "tiny", "demo"):  # the shipped demo weights: labelled_range
+    for scale in ("tiny", "demo"):  # the demo weights: labelled_range
         framing = bundle_parser(BUNDLES / bundle, ["inference.yaml"], scale, None)["z_framing"]
         assert framing == "labelled_range", scale
+    base = bundle_parser(BUNDLES / bundle, ["inference.yaml"], None, None)  # standard
+    assert (base["z_framing"], base["spatial_size"]) == ("field_of_view", [64, 64, 64])
 
 
 def thorax_like_case(folder, name="case"):

@@ -33,7 +33,7 @@ def preset_file(bundle_dir: str | Path, name: str, known: Sequence[str]) -> Path
 
 
 def preset_files(
-    bundle_dir: str | Path, scale: str | None = "demo", dataset: str | None = "thorax"
+    bundle_dir: str | Path, scale: str | None = "standard", dataset: str | None = "thorax"
 ) -> list[Path]:
     """The scale preset, then the dataset preset (``None`` skips an axis)."""
     axes = ((scale, SCALES), (dataset, DATASETS))
@@ -43,7 +43,7 @@ def preset_files(
 def config_files(
     bundle_dir: str | Path,
     stage_files: Sequence[str],
-    scale: str | None = "demo",
+    scale: str | None = "standard",
     dataset: str | None = "thorax",
 ) -> list[Path]:
     """``configs/<stage file>`` for each stage file, then the presets, in merge order."""
@@ -54,7 +54,7 @@ def config_files(
 def bundle_parser(
     bundle_dir: str | Path,
     stage_files: Sequence[str],
-    scale: str | None = "demo",
+    scale: str | None = "standard",
     dataset: str | None = "thorax",
     overrides: Mapping | None = None,
 ) -> ConfigParser:

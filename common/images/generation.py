@@ -204,18 +204,30 @@ def model_space_labels(paths: Sequence[str]) -> list[np.ndarray]:
     return [np.asarray(nib.load(p).dataobj).round().astype(np.int64) for p in paths]
 
 
+def real_encoder(real_datalist: str | Path, value_range: Sequence[float], seed: int = 0) -> tuple:
+    """(slice feature extractor, its description) trained on the axial slices of the real
+    model-grid images of ``real_datalist`` (``common.images.metrics.real_slice_encoder``)."""
+    from common.images.metrics import real_slice_encoder
+
+    images = [c["image"] for c in read_datalist(real_datalist)["training"]]
+    return real_slice_encoder(model_space_images(images, value_range), seed)
+
+
 def evaluate_synthesis(
     synthetic_datalist: str | Path,
     real_datalist: str | Path,
     value_range: Sequence[float],
     output_dir: str | Path,
     seed: int = 0,
+    encoder: tuple | None = None,
 ) -> dict:
     """Table-1-style comparison of ``images_sequence`` (stage 1) and ``images`` (refined)
     with the real images of ``real_datalist`` (both on the model grid).
 
     Paired metrics (MAE/PSNR/SSIM) are computed when the synthetic cases were made from the
-    real masks (same label files). Writes ``image_metrics.{json,md}`` to ``output_dir``.
+    real masks (same label files). ``encoder``: ``real_encoder(real_datalist, value_range,
+    seed)`` trained before (to compare several synthetic sets with one real set); default:
+    trained here. Writes ``image_metrics.{json,md}`` to ``output_dir``.
     """
     from common.images.metrics import evaluate_images, write_report
 
@@ -225,6 +237,7 @@ def evaluate_synthesis(
     syn_labels = model_space_labels([c["label"] for c in syn["training"]])
     paired = [c["label"] for c in syn["training"]] == [c["label"] for c in real["training"]]
     real_images = model_space_images([c["image"] for c in real["training"]], value_range)
+    extractor, extractor_name = encoder or real_encoder(real_datalist, value_range, seed)
     results = {
         name: evaluate_images(
             model_space_images([c[key] for c in syn["training"]], value_range),
@@ -233,8 +246,10 @@ def evaluate_synthesis(
             real_labels,
             label_set,
             tuple(float(v) for v in value_range),
+            extractor,
             seed=seed,
             paired=paired,
+            extractor_name=extractor_name,
         )
         for name, key in (("sequence generator only", "image_sequence"), ("refined", "image"))
         if all(key in c for c in syn["training"])

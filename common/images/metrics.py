@@ -242,6 +242,16 @@ def fid_mmd(generated, real, extractor: SliceFeatureExtractor) -> dict:
     }
 
 
+def real_slice_encoder(
+    real, seed: int = 0, epochs: int = ENCODER_EPOCHS
+) -> tuple[SliceFeatureExtractor, str]:
+    """The feature extractor ``evaluate_images`` trains when given none, and its description:
+    a slice encoder trained on the axial slices of the real volumes ``(N, 1, H, W, D)``. Train
+    it once to compare several generated sets with the same real set."""
+    extractor = train_slice_encoder(axial_slices(as_volumes(real, "real")), epochs, seed)
+    return extractor, f"slice autoencoder trained on the real slices ({epochs} epochs, seed {seed})"
+
+
 def evaluate_images(
     generated,
     real,
@@ -253,13 +263,15 @@ def evaluate_images(
     seed: int = 0,
     paired: bool = False,
     encoder_epochs: int = ENCODER_EPOCHS,
+    extractor_name: str = "supplied",
 ) -> dict:
     """Compare generated images with real ones; all ``(N, 1, H, W, D)`` in [-1, 1] on one grid.
 
     ``generated_labels``/``real_labels``: the masks of each image. ``paired``: ``generated[i]``
     was made from ``real_labels[i]``, which adds the paired metrics. ``value_range = (lo, hi)``:
-    what -1 and 1 stand for (the HU window for CT). Without ``extractor`` a slice
-    encoder is trained on the real slices (``train_slice_encoder(..., encoder_epochs, seed)``).
+    what -1 and 1 stand for (the HU window for CT). Without ``extractor`` a slice encoder is
+    trained on the real slices (``real_slice_encoder(real, seed, encoder_epochs)``);
+    ``extractor_name`` describes a given one in the results.
     Returns a JSON-serialisable dict (None where undefined, never NaN)::
 
         {"n_generated", "n_real", "paired", "value_range", "feature_extractor",
@@ -277,12 +289,9 @@ def evaluate_images(
         )
     if paired and len(gen) != len(ref):
         raise ValueError(f"paired sets need equal sizes, got {len(gen)} generated, {len(ref)} real")
-    name = "supplied"
+    name = extractor_name
     if extractor is None:
-        extractor = train_slice_encoder(axial_slices(ref), encoder_epochs, seed)
-        name = (
-            f"slice autoencoder trained on the real slices ({encoder_epochs} epochs, seed {seed})"
-        )
+        extractor, name = real_slice_encoder(ref, seed, encoder_epochs)
     intensity = intensity_agreement(
         label_intensity_stats(gen, generated_labels, label_set, value_range),
         label_intensity_stats(ref, real_labels, label_set, value_range),

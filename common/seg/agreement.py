@@ -68,7 +68,7 @@ def load_segmenter(
     ckpt: str | Path,
     num_classes: int,
     modality: str,
-    scale: str | None = "demo",
+    scale: str | None = "standard",
     dataset: str | None = None,
     network: str | None = None,
     bundle: str | Path | None = None,
@@ -199,7 +199,7 @@ def agreement(
     synthetic: str | Path,
     real: str | Path,
     out: str | Path,
-    scale: str | None = "demo",
+    scale: str | None = "standard",
     dataset: str | None = None,
     network: str | None = None,
 ) -> dict:

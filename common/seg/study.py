@@ -106,12 +106,15 @@ def study_settings(
     bundle: Path, scale: str, dataset: str | None, overrides: Mapping, given: Mapping
 ) -> dict:
     """``STUDY_KEYS`` values: ``given`` (where not None) over ``overrides`` over the configs
-    (train.yaml, then the presets)."""
+    (train.yaml, then the presets). A training stage's steps are ``study_iterations`` where
+    the configs set it (and ``overrides`` do not set ``max_iterations``), else
+    ``max_iterations``, a single training's."""
     parser = bundle_parser(bundle, ["train.yaml"], scale, dataset, overrides)
-    return {
-        k: given[k] if given.get(k) is not None else parser.get_parsed_content(k)
-        for k in STUDY_KEYS
-    }
+    configured = {k: parser.get_parsed_content(k) for k in STUDY_KEYS}
+    study_steps = parser.get("study_iterations")
+    if study_steps is not None and "max_iterations" not in overrides:
+        configured["max_iterations"] = int(study_steps)
+    return {k: given[k] if given.get(k) is not None else configured[k] for k in STUDY_KEYS}
 
 
 def _budget(study: _Study, stage: Stage) -> dict:
@@ -176,6 +179,7 @@ def _train_stage(study: _Study, stage: Stage, network: str, seed: int, root: Pat
         configs,
         {
             "bundle_root": str(stage_dir),
+            "ckpt_dir": str(stage_dir / "models"),
             "output_dir": str(stage_dir / "runs"),
             "datalist": str(datalist),
             "network_name": network,
@@ -208,6 +212,7 @@ def _evaluate(study: _Study, regime: str, network: str, seed: int, root: Path) -
         study.configs("train.yaml", "evaluate.yaml"),
         {
             "bundle_root": str(stage_dir),
+            "ckpt_dir": str(stage_dir / "models"),
             "datalist": str(study.test_datalists[dataset]),
             "network_name": network,
             **study.dataset_overrides(dataset),
@@ -224,7 +229,7 @@ def seg_study(
     networks: str | Sequence[str] = "unet3d",
     regimes: str | Sequence[str] = ",".join(E2_REGIMES),
     out: str = "outputs/seg_study",
-    scale: str = "demo",
+    scale: str = "standard",
     dataset: str | None = None,
     test: str | None = None,
     seeds: int = 1,
@@ -280,7 +285,8 @@ def seg_study(
         transfer: datalist.json of another dataset, for the E3 regimes.
         transfer_cases: training cases taken from the transfer dataset (presets').
         seed: seed of the split, the synthetic draw and the first training (presets').
-        max_iterations: optimiser steps of a training stage (presets'); a multiple of
+        max_iterations: optimiser steps of a training stage (presets': study_iterations, else
+            max_iterations); a multiple of
             val_interval (steps between validations); 0 counts epochs instead
             (max_epochs, finetune_epochs).
         finetune_iterations: optimiser steps of a fine-tuning stage (presets').
