@@ -165,3 +165,17 @@ def test_mask_pieces_splits_specks_from_fragments():
     assert row["pieces"] == 2.0 and row["large"] == 1.0  # means over the two volumes
     assert row["speck_share"] == pytest.approx(0.25)  # (2 of 4) / 2
     assert row["outside_largest"] == pytest.approx((1 - 12 / 23) / 2)
+
+
+def test_mask_pieces_says_where_the_specks_are():
+    from benchmarks.mask_pieces import speck_places
+
+    mask = np.zeros((16, 16, 16), np.uint8)
+    mask[2:6, 2:6, 2:6] = 1  # the largest piece of label 1
+    mask[10, 3, 3] = 1  # a speck 5 voxels beyond it (x 10 vs its last voxel at x 5), in background
+    mask[9:14, 9:14, 9:14] = 2  # another organ
+    mask[11, 11, 11] = 1  # a speck of label 1 inside it
+    places = speck_places([mask], 1)
+    assert places["count"] == 2 and places["inside_other"] == 0.5 and places["near"] == 0.0
+    assert places["median_distance"] == pytest.approx((5 + np.sqrt(3 * 6**2)) / 2)
+    assert speck_places([mask], 2)["count"] == 0
