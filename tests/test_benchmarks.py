@@ -119,6 +119,17 @@ def test_mask_windows_splits_slice_pairs_at_seams(tiny_segthor_datalist, tmp_pat
     assert set(rows[0]["slice_dice"]) == {"esophagus", "heart", "trachea", "aorta"}
 
 
+def test_mask_guidance_rows_per_guidance(tiny_segthor_datalist, tmp_path):
+    from benchmarks import mask_guidance
+
+    out = tmp_path / "guidance.json"
+    rows = mask_guidance.main(
+        str(tiny_segthor_datalist), None, scale="tiny", guidance="1,3", volumes=1, out=str(out)
+    )
+    assert [r["guidance"] for r in rows] == [1.0, 3.0] and out.is_file()
+    assert rows[0]["raw"]["components_real"] > 0 and rows[1]["s_per_volume"] > 0
+
+
 def test_objectives_resume_volume_by_volume(tiny_segthor_datalist, tmp_path, monkeypatch):
     """A stopped comparison keeps every volume it sampled: the rerun reads them (same
     table), and volumes of another checkpoint in the same folder are refused."""
