@@ -60,7 +60,8 @@ def sample_rows(
     """Every sampler of ``objective`` on ``ckpt`` (trained at ``scale``), under bf16 autocast
     if ``bf16``: seconds per volume, raw and kept quality; volumes kept in
     ``folder/<sampler>/``."""
-    config = suite.mask_config(scale, sampler=SETTINGS[objective][-1].split(":")[0])
+    kind = SETTINGS[objective][-1].split(":")[0]
+    config = suite.mask_config(scale, sampler=kind, scheduler_kind=objective)
     pipeline = suite.mask_pipeline(config, ckpt)
     rows = []
     for text in SETTINGS[objective]:

@@ -128,6 +128,8 @@ def with_sampler(
 ) -> MaskPipeline:
     """``pipeline`` sampling as ``sampler`` says, ``per_call`` volumes per batch."""
     config["sampler"] = sampler.kind  # the config's scheduler, of this kind
+    # any sampler on any weights, for timing: mask_sampling scores only the same objective
+    config["scheduler#trained_as"] = None
     return changed(
         pipeline,
         scheduler=config.get_parsed_content("scheduler"),

@@ -10,6 +10,7 @@ from bundle_helpers import REPO, monai_bundle
 from monai.bundle import ConfigParser
 
 from common.core.bundle_configs import config_files
+from common.core.errors import find_data_error
 from common.data.validate import validate_datalist
 
 BUNDLE = REPO / "bundles" / "mask_diffusion"
@@ -66,6 +67,25 @@ def test_inference_yaml_fits_the_shipped_weights(preset, weights, output_pixdim,
     network.load_state_dict(state, strict=True)
     assert parser.get_parsed_content("output_pixdim") == output_pixdim
     assert parser.get_parsed_content("pixdim") == pixdim
+
+
+@pytest.mark.parametrize(
+    "preset, wrong, right",
+    [([], "ddim", "rflow"), (["demo.yaml"], "rflow", "ddpm")],  # flow- / noise-trained weights
+)
+def test_a_sampler_of_the_other_objective_is_refused(preset, wrong, right):
+    """ddim on the flow-trained standard weights (or rflow on the noise-trained demo ones)
+    drew noise without a word; now the config refuses it, naming the sampler to use."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / f) for f in ["inference.yaml", *preset]])
+    parser["sampler"] = wrong
+    with pytest.raises(Exception) as refused:
+        parser.get_parsed_content("scheduler")
+    assert f"use sampler {right if right == 'rflow' else 'ddpm or ddim'}" in str(
+        find_data_error(refused.value)
+    )
+    parser["sampler"] = right
+    parser.get_parsed_content("scheduler")
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 
+from common.core.errors import DataError
+
 KINDS = ("ddpm", "ddim", "rflow")
 
 
@@ -19,9 +21,21 @@ def make_scheduler(
     num_train_timesteps: int = 1000,
     schedule: str = "linear_beta",
     prediction_type: str = "v_prediction",
+    trained_as: str | None = None,
     **kwargs,
 ) -> Scheduler:
-    """A MONAI scheduler: DDPMScheduler, DDIMScheduler or RFlowScheduler."""
+    """A MONAI scheduler: DDPMScheduler, DDIMScheduler or RFlowScheduler. ``trained_as``: the
+    objective (``scheduler_kind``) of the weights it will sample; a sampler of the other
+    objective (rflow on noise-trained weights, ddpm/ddim on flow-trained ones) draws noise,
+    so it is refused."""
+    if trained_as is not None and (kind == "rflow") != (trained_as == "rflow"):
+        fits = "rflow" if trained_as == "rflow" else "ddpm or ddim"
+        raise DataError(
+            f"sampler {kind!r}",
+            f"cannot sample weights trained with scheduler_kind {trained_as!r} (it draws noise)",
+            f"use sampler {fits}; if the weights were trained with another objective, set "
+            "scheduler_kind to it",
+        )
     if kind in ("ddpm", "ddim"):
         cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
         return cls(
