@@ -112,14 +112,14 @@ def seg_study(
             E2-4 synthetic then real, E2-5 real+synthetic then real, E3 transfer.
         out: output folder; finished stages are kept on a rerun.
         scale: the seg_downstream scale preset (tiny, demo, standard, paper) or a YAML file.
-        options: dataset (thorax, brain: its field of view), test (a datalist of held-out
-            test cases, none of them in REAL; default: test_cases split off REAL), seeds
-            (training repeats: mean ± sd and 95% bootstrap intervals of the differences to
-            E2-1), val_cases, synthetic_ratio, transfer, transfer_cases, seed,
+        options: dataset (thorax or brain, for its field of view), test (a datalist of
+            held-out test cases, none of them in REAL; test_cases split off REAL when not
+            given), seeds (training repeats, for mean ± sd and 95% bootstrap intervals of the
+            differences to E2-1), val_cases, synthetic_ratio, transfer, transfer_cases, seed,
             max_iterations, finetune_iterations (optimiser steps of a training / fine-tuning
             stage, equal for every regime), max_epochs, finetune_epochs (used when
-            max_iterations is 0), lr, finetune_lr (default: the presets' values); other
-            bundle config keys go in overrides, e.g. --overrides "{'val_interval': 20}".
+            max_iterations is 0), lr, finetune_lr (the presets' values when not given); other
+            bundle config keys go in --overrides, a dict of config keys and values.
     Returns the markdown tables.
     """
     from common.seg.study import seg_study as run_study
@@ -161,15 +161,17 @@ def generate(
         n: number of paired volumes.
         out: output folder: masks/, images/, images_sequence/ and datalist.json.
         seed: run seed; case k depends only on (seed, k).
-        sampler: mask sampler: rflow for a flow-trained MC-DPM (the standard weights), ddim or
-            ddpm for a noise-trained one (the demo weights); default: the bundle config's.
-        steps: mask sampling steps, 1 to 1000 with any sampler (DDPM/DDIM respaced to them;
-            default: the bundle config's).
+        sampler: the mask sampler, rflow for a flow-trained MC-DPM (the standard weights),
+            ddim or ddpm for a noise-trained one (the demo weights); the bundle config's when
+            not given. A sampler of the other objective is refused.
+        steps: mask sampling steps, 1 to 1000 with any sampler (DDPM/DDIM respaced to them),
+            the bundle config's when not given.
         refine: run the three-view diffusion refiner (--norefine: sequence generator only).
-        scale, dataset: the presets of weights trained with others than the shipped ones,
-            e.g. --scale paper --dataset brain (default: the base configs, shipped weights).
-        depth: axial slices per volume, any number >= 1 (default: the model grid's depth):
-            grown at the grid's depth and resampled along z, so each organ keeps its share
+        scale: the scale preset of weights trained with others than the shipped ones, e.g.
+            --scale paper (the base configs and the shipped weights when not given).
+        dataset: the dataset preset, e.g. --dataset brain (the base configs' when not given).
+        depth: axial slices per volume, any number >= 1 (the model grid's depth when not
+            given), grown at the grid's depth and resampled along z, so each organ keeps its share
             of the length; the z spacing stays the grid's, so the volume is longer in mm.
         extent_mm: the axial length in mm instead (depth = extent_mm / z spacing, rounded).
         qc: quality gate: check every pair against per-label intensity ranges learned from
@@ -211,30 +213,58 @@ def demo(
     train: bool = False,
     n: int = 8,
     seed: int = 0,
-    **options,
+    scale: str | None = None,
+    weights: str | None = None,
+    cases: int | None = None,
+    heldout: int | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    epochs: int | None = None,
+    seg_iterations: int | None = None,
+    seeds: int | None = None,
+    seg_regimes: str | None = None,
 ) -> str:
     """The main job: demo cohort -> paired generation -> evaluation -> segmentation study ->
     OUT/report.md with tables, timings and figures.
 
     Args:
-        dataset: ``thorax`` (shipped weights, minutes) or ``brain`` (needs --train or
-            --weights).
+        dataset: thorax (shipped weights, minutes) or brain (needs --train or --weights).
         out: output folder; a rerun keeps finished volumes and study stages.
-        train: first retrain every generator stage at the scale (standard: hours on 2 CPU
-            cores, models/PROVENANCE.md; demo: about 80 min for the thorax).
+        train: first retrain every generator stage at the scale (hours on 2 CPU cores at the
+            standard scale, see models/PROVENANCE.md; about 80 min for the thorax at the demo
+            scale).
         n: synthetic pairs to generate.
         seed: cohort and generation seed.
-        options: scale (every stage's presets: standard, the default, 64^3; demo, 32^3;
-            or tiny), weights (a folder of generator weights trained
-            at that scale, laid out as --train writes OUT/models), cases, heldout, sampler,
-            steps, epochs (generator training), seg_iterations (optimiser steps of each
-            segmentation training; default: the scale preset's study budget), seeds (default 2),
-            seg_regimes (default E2-1,E2-3).
+        scale: every stage's presets, standard (the default, 64^3), demo (32^3) or tiny.
+        weights: a folder of generator weights trained at that scale, laid out as --train
+            writes OUT/models (default is the shipped weights).
+        cases: cohort size (24 when not given).
+        heldout: the last cases kept out of generator training (8 when not given).
+        sampler: the mask sampler (the mask_diffusion config's when not given).
+        steps: the mask sampling steps (the config's when not given).
+        epochs: epochs of every generator training stage (the presets' when not given).
+        seg_iterations: optimiser steps of each segmentation training (the scale preset's
+            study budget when not given).
+        seeds: segmentation trainings per regime (2 when not given).
+        seg_regimes: the regimes of the segmentation study (E2-1,E2-3 when not given).
     Returns the path of the report.
     """
     from medgen3d.demo import run_demo
 
+    given = dict(
+        scale=scale,
+        weights=weights,
+        cases=cases,
+        heldout=heldout,
+        sampler=sampler,
+        steps=steps,
+        epochs=epochs,
+        seg_iterations=seg_iterations,
+        seeds=seeds,
+        seg_regimes=seg_regimes,
+    )
     start = time.time()
+    options = {k: v for k, v in given.items() if v is not None}
     report = run_demo(dataset, out, train=train, n=n, seed=seed, **options)
     return f"report: {report}\ntook {time.time() - start:.0f} s"
 
@@ -295,12 +325,13 @@ def agreement(
 
     Args:
         segmenter: a seg_downstream checkpoint trained on real cases (e.g. a seg-study's
-            unet3d/E2-1/models/model.pt).
+            unet3d/seed0/E2-1/models/model.pt).
         synthetic: datalist of synthetic pairs (from `medgen3d generate`).
         real: datalist of held-out real cases that neither the segmenter nor the generators saw.
         out: output folder.
-        scale, dataset, network: the presets and network the segmenter was trained with
-            (default: standard, the base configs' field of view, the config's network).
+        scale: the seg_downstream scale preset the segmenter was trained with (standard).
+        dataset: its dataset preset (the base configs' field of view when not given).
+        network: its network (the config's when not given).
     Returns the table (markdown).
     """
     from common.seg.agreement import agreement as measure_agreement
