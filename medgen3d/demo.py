@@ -283,8 +283,8 @@ def run_demo(
         seeds: segmentation trainings per regime (seeds seed, seed + 1, ...).
         seg_regimes: the regimes of the segmentation study, e.g. E2-1,E2-2,E2-3.
         scale: the presets of every stage (``standard``: 64^3, the base configs and the
-            shipped thorax and brain weights; ``demo``: 32^3, shipped thorax weights; ``tiny``:
-            tests), their grid, networks and budgets.
+            shipped thorax weights, brain not yet; ``demo``: 32^3, shipped thorax weights;
+            ``tiny``: tests), their grid, networks and budgets.
         weights: a folder of generator weights trained at ``scale`` before, laid out as
             ``train`` writes ``OUT/models`` (default: the shipped weights).
     """

@@ -270,8 +270,8 @@ def seg_study(
         networks: comma-separated: unet2d, unet3d, unetr, swinunetr.
         regimes: comma-separated: E2-1..E2-5, E3-scratch, E3-E2-1..E3-E2-5 (transfer).
         out: output folder.
-        scale: the bundle's scale preset: tiny (tests), demo (CPU, minutes), paper (GPU) or
-            the path of a YAML file.
+        scale: the bundle's scale preset: standard (the base, 64^3), tiny (tests), demo (CPU,
+            32^3, minutes), paper (GPU) or the path of a YAML file.
         dataset: the bundle's dataset preset (thorax, brain or a YAML file), merged after the
             scale for its geometry (field_of_view); None keeps the base configs' (thorax).
             num_classes and modality always come from each run's datalist.
