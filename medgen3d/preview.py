@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from common.core.io import atomic_path, load_volume  # noqa: E402
 from common.data.datalists import read_datalist  # noqa: E402
@@ -57,14 +58,25 @@ def _panels(case: PreviewCase, n_axial: int):
     yield case.image[centre[0], :, :].T, case.label[centre[0], :, :].T, sz / sy, "sagittal"
 
 
+def label_names(doc: dict) -> list[str]:
+    """The names of a datalist's label values ``0..K-1`` (its ``labels``), or none."""
+    labels = doc.get("labels", {})
+    return [labels[k] for k in sorted(labels, key=int)]
+
+
 def montage(
-    cases: list[PreviewCase], out: str | Path, n_axial: int = 4, alpha: float = 0.4
+    cases: list[PreviewCase],
+    out: str | Path,
+    n_axial: int = 4,
+    alpha: float = 0.4,
+    names: list[str] | None = None,
 ) -> Path:
     """Write a PNG: one row per case, ``n_axial`` axial slices then coronal and sagittal.
 
     Image grey values are scaled by the case's 0.5-99.5 percentiles; labels are coloured
-    (background transparent). RAS arrays (+x = patient right) are shown in radiological view:
-    patient right on the image left, anterior up (axial), superior up (coronal, sagittal).
+    (background transparent), with a legend of their ``names`` (value order) when given. RAS
+    arrays (+x = patient right) are shown in radiological view: patient right on the image
+    left, anterior up (axial), superior up (coronal, sagittal).
     """
     cols = n_axial + 2
     fig, axes = plt.subplots(
@@ -91,7 +103,14 @@ def montage(
             )
             ax.set_title(f"{case.title} {name}", fontsize=7)
             ax.axis("off")
-    fig.tight_layout()
+    handles = [
+        Patch(color=cmap(v), label=names[v]) for v in range(1, min(n_labels, len(names or [])))
+    ]
+    if handles:
+        fig.legend(
+            handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False
+        )
+    fig.tight_layout(rect=(0, 0.03 if handles else 0, 1, 1))
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -111,4 +130,4 @@ def preview_datalist(
     ]
     if not rows:
         raise ValueError(f"{datalist}: section {section!r} has no cases to preview")
-    return montage(rows, out)
+    return montage(rows, out, names=label_names(doc))
