@@ -33,8 +33,9 @@ def make_scheduler(
         raise DataError(
             f"sampler {kind!r}",
             f"cannot sample weights trained with scheduler_kind {trained_as!r} (it draws noise)",
-            f"use sampler {fits}; if the weights were trained with another objective, set "
-            "scheduler_kind to it",
+            f"use sampler {fits}; weights trained with the other objective need scheduler_kind "
+            "set to it (--scheduler_kind with monai.bundle run, or in a YAML file passed as "
+            "medgen3d's --scale)",
         )
     if kind in ("ddpm", "ddim"):
         cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
