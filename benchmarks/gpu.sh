@@ -51,8 +51,8 @@ bundle() {  # bundle NAME STAGE-FILES... -- overrides: `monai.bundle run inferen
         --config_file "[${files}'bundles/$name/configs/$SCALE.yaml','bundles/$name/configs/thorax.yaml']" "$@"
 }
 time bundle mask_diffusion inference -- --ckpt_path "$OUT/train/masks/models/model.pt" \
-    --output_dir "$OUT/generated/masks" --num_cases 1 --batch_size 1 --sampler ddim \
-    --steps 50 --sample_bf16 True
+    --output_dir "$OUT/generated/masks" --num_cases 1 --batch_size 1 \
+    --steps 50 --sample_bf16 True  # the preset's sampler (rflow at standard, else DDPM/DDIM)
 time bundle image_synthesis inference -- --ckpt_dir "$OUT/train/images/models" \
     --mask_datalist "$OUT/generated/masks/datalist.json" --output_dir "$OUT/generated/images" \
     --sdm_bf16 True

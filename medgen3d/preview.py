@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +15,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from common.core.io import atomic_path, load_volume  # noqa: E402
-from common.data.datalists import read_datalist  # noqa: E402
+from common.data.datalists import datalist_label_set, read_datalist  # noqa: E402
 
 LABEL_COLOURS = plt.get_cmap("tab10").colors
 
@@ -56,12 +56,6 @@ def _panels(case: PreviewCase, n_axial: int):
     cor = (case.image[::-1, centre[1], :].T, case.label[::-1, centre[1], :].T)
     yield *cor, sz / sx, "coronal"
     yield case.image[centre[0], :, :].T, case.label[centre[0], :, :].T, sz / sy, "sagittal"
-
-
-def label_names(doc: dict) -> list[str]:
-    """The names of a datalist's label values ``0..K-1`` (its ``labels``), or none."""
-    labels = doc.get("labels", {})
-    return [labels[k] for k in sorted(labels, key=int)]
 
 
 def montage(
@@ -121,7 +115,9 @@ def montage(
 def preview_datalist(
     datalist: str | Path, out: str | Path, cases: int = 3, section: str = "training"
 ) -> Path:
-    """Montage of the first ``cases`` pairs of a datalist section."""
+    """Montage of the first ``cases`` pairs of a datalist section. With a ``labels`` block the
+    label files' values become the label set's (a ``source_map``, e.g. FreeSurfer aseg codes,
+    is applied) and the legend names them; without one, raw values and no legend."""
     doc = read_datalist(datalist)
     entries = doc.get(section, [])[:cases]
     rows = [
@@ -130,4 +126,8 @@ def preview_datalist(
     ]
     if not rows:
         raise ValueError(f"{datalist}: section {section!r} has no cases to preview")
-    return montage(rows, out, names=label_names(doc))
+    if "labels" not in doc:
+        return montage(rows, out)
+    label_set = datalist_label_set(doc, datalist)
+    rows = [replace(r, label=label_set.remap(r.label)) for r in rows]
+    return montage(rows, out, names=list(label_set.names))

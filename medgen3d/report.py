@@ -21,7 +21,7 @@ from common.data.datalists import datalist_label_set, read_datalist  # noqa: E40
 from common.images.metrics import markdown_table as image_table  # noqa: E402
 from common.masks.metrics import markdown_table as mask_table  # noqa: E402
 from common.seg.agreement import markdown_table as agreement_table  # noqa: E402
-from medgen3d.preview import PreviewCase, label_names, load_case, montage  # noqa: E402
+from medgen3d.preview import PreviewCase, load_case, montage  # noqa: E402
 
 
 def _cases(datalist: Path, rows: int, key: str = "image", prefix: str = "") -> list[PreviewCase]:
@@ -94,7 +94,7 @@ def demo_figures(
             load_case(case["image_sequence"], case["label"], f"{name} sequence gen."),
             load_case(case["image"], case["label"], f"{name} refined"),
         ]
-    names = label_names(read_datalist(real_grid))
+    names = list(datalist_label_set(read_datalist(real_grid), real_grid).names)
     return {
         "real_vs_synthetic": montage(pairs, fig_dir / "real_vs_synthetic.png", names=names),
         "masks": montage(_masks_only(pairs), fig_dir / "masks.png", alpha=1.0, names=names),
