@@ -31,9 +31,8 @@ def main(
     reference = suite.real_masks(real, scale)
     config = suite.mask_config(scale)
     pipeline = suite.changed(suite.mask_pipeline(config, ckpt), bf16=True)
-    values = [float(g) for g in str(guidance).strip("()[] ").split(",") if g.strip()]
     rows = []
-    for value in values:
+    for value in suite.numbers(guidance):
         masks, seconds = suite.sample_timed(suite.changed(pipeline, guidance=value), range(volumes))
         rows.append(
             {

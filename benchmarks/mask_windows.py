@@ -65,7 +65,7 @@ def main(
     reference = suite.real_masks(real, scale)
     names = reference[1].names
     base = suite.mask_config(scale)
-    counts = [int(g) for g in str(given).strip("()[] ").split(",") if g.strip()] or [int(base["n"])]
+    counts = suite.numbers(given, int) or [int(base["n"])]
     rows = []
     for n in counts:
         config = suite.mask_config(scale, n=n)

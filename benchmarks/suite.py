@@ -95,6 +95,11 @@ def stage(record: dict, name: str) -> Iterator[None]:
 # ---------------------------------------------------------------- MC-DPM sampling
 
 
+def numbers(value, kind=float) -> list:
+    """A comma list as fire passes it (``"1,2"``, ``2`` or ``(1, 2)``) -> ``[kind(...)]``."""
+    return [kind(v) for v in str(value).strip("()[] ").split(",") if v.strip()]
+
+
 def changed(pipeline, **settings):
     """A copy of a pipeline that shares its networks, with other ``settings`` (attributes)."""
     unknown = set(settings) - set(vars(pipeline))

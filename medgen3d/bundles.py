@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from monai.bundle import ConfigParser
 
-from common.core.bundle_configs import bundle_parser, config_files
+from common.core.bundle_configs import BASE_SCALE, bundle_parser, config_files
 from common.core.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ EVALUATE_STAGES = {
 
 
 def bundle_config(
-    bundle: str, scale: str | None = "standard", dataset: str | None = "thorax", **overrides
+    bundle: str, scale: str | None = BASE_SCALE, dataset: str | None = "thorax", **overrides
 ) -> ConfigParser:
     """A bundle's ``inference.yaml`` with the scale and dataset presets and ``overrides``."""
     return bundle_parser(BUNDLES / bundle, ("inference.yaml",), scale, dataset, overrides)

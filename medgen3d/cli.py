@@ -8,6 +8,7 @@ import time
 
 import fire
 
+from common.core.bundle_configs import BASE_SCALE
 from common.core.errors import DataError, find_data_error
 
 
@@ -98,7 +99,7 @@ def seg_study(
     networks: str = "unet3d",
     regimes: str = "E2-1,E2-2,E2-3,E2-4,E2-5",
     out: str = "outputs/seg_study",
-    scale: str = "standard",
+    scale: str = BASE_SCALE,
     **options,
 ) -> str:
     """Does synthetic data help segmentation? Train and test networks on real, synthetic and
@@ -271,7 +272,7 @@ def demo(
 
 def train(
     stage: str,
-    scale: str = "standard",
+    scale: str = BASE_SCALE,
     dataset: str = "thorax",
     out: str | None = None,
     **overrides,
@@ -293,7 +294,7 @@ def train(
     return run_stage(TRAIN_STAGES, stage, scale, dataset, overrides)
 
 
-def evaluate(stage: str, scale: str = "standard", dataset: str = "thorax", **overrides) -> str:
+def evaluate(stage: str, scale: str = BASE_SCALE, dataset: str = "thorax", **overrides) -> str:
     """Run one bundle's evaluation config (the command is printed first).
 
     Args:
@@ -314,7 +315,7 @@ def agreement(
     synthetic: str,
     real: str,
     out: str = "outputs/agreement",
-    scale: str = "standard",
+    scale: str = BASE_SCALE,
     dataset: str | None = None,
     network: str | None = None,
 ) -> str:

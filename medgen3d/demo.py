@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.core.bundle_configs import SCALES
+from common.core.bundle_configs import BASE_SCALE, SCALES
 from common.core.errors import DataError
 from common.core.io import load_weights
 from common.data.datalists import read_datalist
@@ -27,7 +27,6 @@ from medgen3d.demo_data import make_demo_cohort
 from medgen3d.pairs import generate_pairs
 
 DATASETS = ("thorax", "brain")
-SCALE = "standard"  # the default scale: the base configs'
 VIEWS = ("axial", "coronal", "sagittal")
 EPOCH_KEYS = {"masks": "max_epochs", "generator": "gen_max_epochs", "refiner": "sdm_max_epochs"}
 
@@ -154,7 +153,7 @@ def train_generators(
     dataset: str,
     models: Path,
     epochs: int | Mapping[str, int] | None = None,
-    scale: str = SCALE,
+    scale: str = BASE_SCALE,
 ) -> Weights:
     """Train MC-DPM, the sequence generator and the three refiners on ``train_datalist``.
 
@@ -264,7 +263,7 @@ def run_demo(
     seg_iterations: int | None = None,
     seeds: int = 2,
     seg_regimes: str = "E2-1,E2-3",
-    scale: str = SCALE,
+    scale: str = BASE_SCALE,
     weights: str | Path | None = None,
 ) -> Path:
     """The whole demo; returns the path of ``OUT/report.md``.

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-from monai.bundle import ConfigParser
+from typing import TYPE_CHECKING
 
 from common.core.errors import DataError
 
+if TYPE_CHECKING:  # monai loads when a parser is built, not with the names (a light CLI start)
+    from monai.bundle import ConfigParser
+
 SCALES = ("tiny", "demo", "standard", "paper")
 DATASETS = ("thorax", "brain")
+BASE_SCALE = "standard"  # the scale the base configs describe, every default
 
 
 def preset_file(bundle_dir: str | Path, name: str, known: Sequence[str]) -> Path:
@@ -33,7 +36,7 @@ def preset_file(bundle_dir: str | Path, name: str, known: Sequence[str]) -> Path
 
 
 def preset_files(
-    bundle_dir: str | Path, scale: str | None = "standard", dataset: str | None = "thorax"
+    bundle_dir: str | Path, scale: str | None = BASE_SCALE, dataset: str | None = "thorax"
 ) -> list[Path]:
     """The scale preset, then the dataset preset (``None`` skips an axis)."""
     axes = ((scale, SCALES), (dataset, DATASETS))
@@ -43,7 +46,7 @@ def preset_files(
 def config_files(
     bundle_dir: str | Path,
     stage_files: Sequence[str],
-    scale: str | None = "standard",
+    scale: str | None = BASE_SCALE,
     dataset: str | None = "thorax",
 ) -> list[Path]:
     """``configs/<stage file>`` for each stage file, then the presets, in merge order."""
@@ -54,11 +57,13 @@ def config_files(
 def bundle_parser(
     bundle_dir: str | Path,
     stage_files: Sequence[str],
-    scale: str | None = "standard",
+    scale: str | None = BASE_SCALE,
     dataset: str | None = "thorax",
     overrides: Mapping | None = None,
 ) -> ConfigParser:
     """A parser over :func:`config_files` with ``bundle_root`` and ``overrides`` set."""
+    from monai.bundle import ConfigParser
+
     parser = ConfigParser()
     parser.read_config([str(f) for f in config_files(bundle_dir, stage_files, scale, dataset)])
     parser.update({"bundle_root": str(Path(bundle_dir).resolve()), **(overrides or {})})

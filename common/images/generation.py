@@ -229,7 +229,7 @@ def evaluate_synthesis(
     seed)`` trained before (to compare several synthetic sets with one real set); default:
     trained here. Writes ``image_metrics.{json,md}`` to ``output_dir``.
     """
-    from common.images.metrics import evaluate_images, write_report
+    from common.images.metrics import evaluate_images, real_slice_encoder, write_report
 
     syn, real = read_datalist(synthetic_datalist), read_datalist(real_datalist)
     label_set = datalist_label_set(real, real_datalist)
@@ -237,7 +237,7 @@ def evaluate_synthesis(
     syn_labels = model_space_labels([c["label"] for c in syn["training"]])
     paired = [c["label"] for c in syn["training"]] == [c["label"] for c in real["training"]]
     real_images = model_space_images([c["image"] for c in real["training"]], value_range)
-    extractor, extractor_name = encoder or real_encoder(real_datalist, value_range, seed)
+    extractor, extractor_name = encoder or real_slice_encoder(real_images, seed)
     results = {
         name: evaluate_images(
             model_space_images([c[key] for c in syn["training"]], value_range),

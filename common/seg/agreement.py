@@ -32,7 +32,7 @@ from monai.transforms import LoadImage, ResampleToMatch
 from torch import nn
 from tqdm import tqdm
 
-from common.core.bundle_configs import bundle_parser
+from common.core.bundle_configs import BASE_SCALE, bundle_parser
 from common.core.errors import DataError
 from common.core.io import atomic_path, write_json
 from common.data.labels import LabelSet
@@ -68,7 +68,7 @@ def load_segmenter(
     ckpt: str | Path,
     num_classes: int,
     modality: str,
-    scale: str | None = "standard",
+    scale: str | None = BASE_SCALE,
     dataset: str | None = None,
     network: str | None = None,
     bundle: str | Path | None = None,
@@ -199,7 +199,7 @@ def agreement(
     synthetic: str | Path,
     real: str | Path,
     out: str | Path,
-    scale: str | None = "standard",
+    scale: str | None = BASE_SCALE,
     dataset: str | None = None,
     network: str | None = None,
 ) -> dict:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.core.bundle_configs import bundle_parser, config_files
+from common.core.bundle_configs import BASE_SCALE, bundle_parser, config_files
 from common.core.errors import DataError
 from common.core.io import read_json, write_json
 from common.core.provenance import require_unseen
@@ -229,7 +229,7 @@ def seg_study(
     networks: str | Sequence[str] = "unet3d",
     regimes: str | Sequence[str] = ",".join(E2_REGIMES),
     out: str = "outputs/seg_study",
-    scale: str = "standard",
+    scale: str = BASE_SCALE,
     dataset: str | None = None,
     test: str | None = None,
     seeds: int = 1,
