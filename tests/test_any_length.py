@@ -101,7 +101,7 @@ def test_extent_mm_writes_that_many_slices_at_the_grid_spacing(tmp_path):
     pipeline, pixdim = _tiny_pipeline(extent_mm=480.0)
     labels = load_label_set("segthor")
     generate_mask_cases(pipeline, labels, tmp_path, 1, pixdim, seed=1)
-    path = tmp_path / "labels" / "mask_0000.nii.gz"
+    path = tmp_path / "labels" / "synthetic_0000.nii.gz"
     img = nib.load(path)
     assert img.shape == (16, 16, 18)
     assert img.header.get_zooms() == pytest.approx((20.0, 20.0, 320.0 / 12))

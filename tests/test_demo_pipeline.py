@@ -66,10 +66,10 @@ def test_thorax_demo_with_shipped_weights(tmp_path, capsys):
     check_report(out, 2)
     printed = capsys.readouterr().out
     assert "[1/7]" in printed and "[7/7] done" in printed
-    mask = nib.load(out / "synthetic" / "masks" / "labels" / "mask_0000.nii.gz")
+    mask = nib.load(out / "synthetic" / "masks" / "labels" / "synthetic_0000.nii.gz")
     assert mask.shape == (64, 64, 64)  # the standard scale, the shipped weights'
     # the raw masks evaluated are the written ones before keep-largest (one sampling run)
-    raw = nib.load(out / "synthetic" / "raw_masks" / "labels" / "mask_0000.nii.gz")
+    raw = nib.load(out / "synthetic" / "raw_masks" / "labels" / "synthetic_0000.nii.gz")
     kept = keep_single_components(torch.from_numpy(np.asarray(raw.dataobj)).long(), [1, 2, 3, 4])
     assert np.array_equal(kept.numpy(), np.asarray(mask.dataobj))
     summaries = [

@@ -175,7 +175,7 @@ def test_generation_on_2_ranks_makes_the_same_cases(tmp_path):
     assert json.loads(one.read_text()) == json.loads(two.read_text())  # same cases and seeds
     dirs = (one.parent, two.parent)
     for k in range(4):
-        name = f"mask_{k:04d}.nii.gz"
+        name = f"synthetic_{k:04d}.nii.gz"
         labels = [np.asarray(nib.load(d / "masks" / "labels" / name).dataobj) for d in dirs]
         np.testing.assert_array_equal(*labels)
         for folder in ("images", "images_sequence"):

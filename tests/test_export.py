@@ -73,7 +73,7 @@ def test_exported_bundles_generate_outside_the_repository(tmp_path):
     tiny = {"bundle_root": str(masks), "num_cases": 1, "steps": 2, "output_dir": "masks"}
     out = run_outside(elsewhere, "run", "inference", "--config_file", configs, *overrides(tiny))
     assert f"common imported from {masks / 'common'}" in out
-    mask = nib.load(elsewhere / "masks" / "labels" / "mask_0000.nii.gz")
+    mask = nib.load(elsewhere / "masks" / "labels" / "synthetic_0000.nii.gz")
     assert mask.shape == (64, 64, 64)
     configs = str([str(images / "configs" / "inference.yaml")])
     tiny = {
@@ -118,8 +118,8 @@ def test_train_and_evaluate_wrap_the_bundle_commands(capsys):
 
     overrides = train_overrides("refiner", None, {})
     cmd = bundle_command(TRAIN_STAGES["refiner"], "demo", "thorax", overrides)
-    assert cmd[1:5] == ["-m", "monai.bundle", "run", "training"]
-    files = [Path(f).name for f in ast.literal_eval(cmd[6])]
+    assert cmd[3:7] == ["-m", "monai.bundle", "run", "training"]
+    files = [Path(f).name for f in ast.literal_eval(cmd[cmd.index("--config_file") + 1])]
     assert files == [
         "inference.yaml",
         "train.yaml",
@@ -129,7 +129,7 @@ def test_train_and_evaluate_wrap_the_bundle_commands(capsys):
     ]
     assert cmd[cmd.index("--ckpt_dir") + 1].endswith("outputs/train/refiner/models")
     cmd = bundle_command(EVALUATE_STAGES["seg"], "paper", "brain", {"datalist": "d.json"})
-    files = [Path(f).name for f in ast.literal_eval(cmd[6])]
+    files = [Path(f).name for f in ast.literal_eval(cmd[cmd.index("--config_file") + 1])]
     assert files == ["train.yaml", "evaluate.yaml", "paper.yaml", "brain.yaml"]
     assert cmd[-2:] == ["--datalist", "d.json"]
     for argv in (["train", "nope"], ["evaluate", "masks", "--scale", "nope"]):
@@ -138,3 +138,17 @@ def test_train_and_evaluate_wrap_the_bundle_commands(capsys):
         assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "unknown stage" in err and "no preset 'nope'" in err
+
+
+def test_the_bundle_commands_silence_only_monai_config_trust_warning():
+    from medgen3d.bundles import TRAIN_STAGES, bundle_command
+
+    cmd = bundle_command(TRAIN_STAGES["masks"], "demo", "thorax", {})
+    assert cmd[1:3] == ["-W", "ignore:parsing config_file:UserWarning"]
+    warn = (
+        "import warnings; "
+        "warnings.warn('parsing config_file [a.yaml]: any value ... trust', UserWarning); "
+        "warnings.warn('another warning', UserWarning)"
+    )
+    run = subprocess.run([sys.executable, *cmd[1:3], "-c", warn], capture_output=True, text=True)
+    assert "another warning" in run.stderr and "parsing config_file" not in run.stderr

@@ -85,17 +85,19 @@ def test_mask_rerun_remakes_exactly_the_cases_made_with_other_settings(tmp_path,
     _masks(out, 2, steps=3)
     assert _mtimes(out) == first  # same settings: kept
     _masks(out, 1, steps=2)  # another setting for case 0 only
-    assert "mask_0000.nii.gz: made with other settings (steps 3 -> 2)" in capsys.readouterr().out
+    assert (
+        "synthetic_0000.nii.gz: made with other settings (steps 3 -> 2)" in capsys.readouterr().out
+    )
     assert _mtimes(out).keys() == first.keys()
     second = _mtimes(out)
-    assert second["labels/mask_0000.nii.gz"] != first["labels/mask_0000.nii.gz"]
-    assert second["labels/mask_0001.nii.gz"] == first["labels/mask_0001.nii.gz"]
+    assert second["labels/synthetic_0000.nii.gz"] != first["labels/synthetic_0000.nii.gz"]
+    assert second["labels/synthetic_0001.nii.gz"] == first["labels/synthetic_0001.nii.gz"]
     assert [c["settings"]["steps"] for c in _entries(datalist).values()] == [2]
     _datalist_tells_the_truth(datalist)
     _masks(out, 2, steps=3)  # case 0 back to 3 steps: remade; case 1 was made so: kept
     third = _mtimes(out)
-    assert third["labels/mask_0000.nii.gz"] != second["labels/mask_0000.nii.gz"]
-    assert third["labels/mask_0001.nii.gz"] == first["labels/mask_0001.nii.gz"]
+    assert third["labels/synthetic_0000.nii.gz"] != second["labels/synthetic_0000.nii.gz"]
+    assert third["labels/synthetic_0001.nii.gz"] == first["labels/synthetic_0001.nii.gz"]
     doc = json.loads(datalist.read_text())
     assert doc["steps"] == 3 and [c["settings"]["steps"] for c in doc["training"]] == [3, 3]
     _datalist_tells_the_truth(datalist)
@@ -145,7 +147,7 @@ def test_image_rerun_remakes_the_cases_whose_settings_or_mask_changed(tmp_path):
     third = _mtimes(out)
     assert [third[k] != second[k] for k in sorted(second)] == [True, False, True, False]
     _datalist_tells_the_truth(pairs, ("image", "image_sequence"))
-    entry = _entries(pairs)["mask_0000"]
+    entry = _entries(pairs)["synthetic_0000"]
     assert entry["settings"]["mask"]["settings"] == read_record(entry["label"])
 
 
@@ -243,6 +245,6 @@ def test_generate_on_a_full_disk_exits_2_naming_the_file(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1] == (
-        f"error: {out}/gen/images_sequence/mask_0000.nii.gz: could not be written (No space "
+        f"error: {out}/gen/images_sequence/synthetic_0000.nii.gz: could not be written (No space "
         "left on device, errno 28). free disk space or choose a writable output folder, then rerun"
     )

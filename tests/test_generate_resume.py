@@ -35,14 +35,14 @@ def test_killed_generation_finishes_like_an_uninterrupted_run(tmp_path):
     quiet = {"cwd": REPO, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     straight = subprocess.Popen(_command(tmp_path / "a"), **quiet)
     killed = subprocess.Popen(_command(tmp_path / "b"), **quiet)
-    first_image = tmp_path / "b" / "images" / "mask_0000.nii.gz"
+    first_image = tmp_path / "b" / "images" / "synthetic_0000.nii.gz"
     deadline = time.time() + 240
     while not first_image.exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     killed.kill()
     killed.wait()
     partial = _finals(tmp_path / "b")
-    assert "images/mask_0002.nii.gz" not in partial, "killed too late to test a resume"
+    assert "images/synthetic_0002.nii.gz" not in partial, "killed too late to test a resume"
     for name in partial:  # every visible file is complete
         path = tmp_path / "b" / name
         if name.endswith(".nii.gz"):

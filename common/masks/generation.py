@@ -72,7 +72,7 @@ def generate_mask_cases(
     for k in range(num_cases):
         for kind, out in folders.items():
             record = {"seed": case_seed(seed, k), **settings[kind]}
-            label = out / "labels" / f"mask_{k:04d}.nii.gz"
+            label = out / "labels" / f"synthetic_{k:04d}.nii.gz"
             cases[kind].append({"label": str(label), "case": label.name[:-7], "settings": record})
     todo = []
     for k in shard(range(num_cases)):  # this rank's share
