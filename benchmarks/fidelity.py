@@ -6,7 +6,8 @@ sampled (before keep-largest) and as written::
 
     python -m benchmarks.fidelity OUT_DEMO32 OUT_STANDARD --names "32^3,64^3" --out table.md
 
-Targets (standard preset): raw masks at most 1.5 pieces per label; z-continuity (Dice of
+Targets (standard preset): raw masks at most 1.5 pieces per label (a label in many pieces in
+the real cases too: within 10% of the real count); z-continuity (Dice of
 consecutive slices) within 10% of real; label-volume W1 at most 0.15 of the real mean;
 median intensity per label within 50 HU of real (MRI: 10% of the value range); agreement
 (a segmenter trained on real cases, on the synthetic images, Dice to the generated masks) at
@@ -21,8 +22,15 @@ from pathlib import Path
 import fire
 
 from common.core.io import read_json
+from common.images.metrics import original_digits
 
 PIECES, Z_CONTINUITY, W1, AGREEMENT, MRI_SHARE = 1.5, 0.1, 0.15, 0.9, 0.1
+
+
+def pieces_target(real_pieces: float) -> float:
+    """Most raw pieces a label may have: ``PIECES``, or within ``Z_CONTINUITY`` (10%) of real
+    where the real label is itself in many pieces (the brain's CSF, about 100 at 32^3)."""
+    return PIECES if real_pieces <= PIECES else real_pieces * (1 + Z_CONTINUITY)
 
 
 def _mark(ok: bool) -> str:
@@ -44,9 +52,10 @@ def run_rows(folder: str | Path) -> dict[str, tuple[str, bool | None]]:
     rows: dict[str, tuple[str, bool | None]] = {}
     for label, r in raw.items():
         k = kept[label]
-        rows[f"{label}: pieces, raw (kept)"] = (
-            f"{r['components_gen']:.1f} ({k['components_gen']:.1f})",
-            r["components_gen"] <= PIECES,
+        real_pieces = r["components_real"]
+        rows[f"{label}: pieces, raw (kept) / real"] = (
+            f"{r['components_gen']:.1f} ({k['components_gen']:.1f}) / {real_pieces:.1f}",
+            r["components_gen"] <= pieces_target(real_pieces),
         )
         share = r["z_continuity_gen"] / r["z_continuity_real"]
         rows[f"{label}: z-continuity raw / real (kept)"] = (
@@ -74,8 +83,9 @@ def run_rows(folder: str | Path) -> dict[str, tuple[str, bool | None]]:
     refined = stages["refined"]["paired_metrics"]
     better = sum(r < a for r, a in zip(refined["mae"], alone["mae"], strict=True))
     scale = (high - low) / 2  # MAE is measured on [-1, 1]
+    digits = original_digits((low, high))
     rows["refiner: paired MAE, generator -> refined"] = (
-        f"{alone['mae_mean'] * scale:.1f} -> {refined['mae_mean'] * scale:.1f} "
+        f"{alone['mae_mean'] * scale:.{digits}f} -> {refined['mae_mean'] * scale:.{digits}f} "
         f"({better} of {len(refined['mae'])} cases better)",
         better == len(refined["mae"]),
     )

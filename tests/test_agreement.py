@@ -18,7 +18,7 @@ from common.core.io import save_nifti
 from common.data.datalists import write_datalist
 from common.data.labels import load_label_set
 from common.images.qc import paired_cases
-from common.seg.agreement import Segmenter, case_dice, compare, measure
+from common.seg.agreement import Segmenter, case_dice, compare, markdown_table, measure
 from common.seg.networks import make_network
 from medgen3d.cli import main
 
@@ -141,3 +141,13 @@ def test_agreement_command_writes_json_and_markdown(tmp_path, tiny_grid, capsys)
     assert 0.0 <= result["labels"]["heart"]["dice_synthetic"] <= 1.0
     assert len(result["cases"]["synthetic"]) == 2
     assert "| trachea |" in (tmp_path / "out" / "agreement.md").read_text()
+
+
+def test_medians_are_shown_in_hu_or_to_three_figures_of_image_units():
+    measured = {"dice": {"gm": 0.8}, "median": {"gm": 0.6753}}
+    real = {"dice": {"gm": 0.9}, "median": {"gm": 0.6489}}
+    mri = markdown_table(compare(measured, real, unit="image units")).splitlines()[-1]
+    assert mri.endswith("| 0.675 | 0.649 | +0.0264 |")
+    measured["median"]["gm"], real["median"]["gm"] = 36.4, -756.2
+    ct = markdown_table(compare(measured, real, unit="HU")).splitlines()[-1]
+    assert ct.endswith("| 36 | -756 | +793 |")

@@ -81,13 +81,18 @@ def test_thorax_demo_with_shipped_weights(tmp_path, capsys):
     # the #18 fidelity table reads the same files
     rows = fidelity.run_rows(out)
     raw = json.loads((out / "evaluation" / "masks_raw" / "mask_metrics.json").read_text())
-    pieces = raw["labels"]["heart"]["components_gen"]
-    assert rows["heart: pieces, raw (kept)"] == (f"{pieces:.1f} (1.0)", pieces <= 1.5)
+    pieces, real = (raw["labels"]["heart"][f"components_{k}"] for k in ("gen", "real"))
+    cell = f"{pieces:.1f} (1.0) / {real:.1f}"
+    assert rows["heart: pieces, raw (kept) / real"] == (
+        cell,
+        pieces <= fidelity.pieces_target(real),
+    )
+    assert fidelity.pieces_target(104.5) == pytest.approx(114.95)  # brain CSF: many pieces
     assert set(rows) >= {
         "mean: agreement (Dice synthetic / real)",
         "refiner: paired MAE, generator -> refined",
     }
-    assert "| heart: pieces, raw (kept) |" in fidelity.table([out, out], ["a", "b"])
+    assert "| heart: pieces, raw (kept) / real |" in fidelity.table([out, out], ["a", "b"])
 
 
 @pytest.mark.slow

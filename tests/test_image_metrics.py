@@ -209,3 +209,14 @@ def test_markdown_table_and_report_round_trip(tmp_path, real, extractor):
         "image_metrics.json",
         "image_metrics.md",
     ]
+
+
+def test_mri_values_in_small_units_keep_their_decimals(real, extractor):
+    images, labels = real
+    brighter, _ = _cases(4, seed=0, shift=0.1)
+    ct = im.evaluate_images(brighter, images, labels, labels, SEG, CT, extractor)
+    mri = im.evaluate_images(brighter, images, labels, labels, SEG, (0.0, 0.92), extractor)
+    ct_cell = im.markdown_table({"a": ct}).splitlines()[2].split(" | ")[-1].rstrip(" |")
+    mri_cell = im.markdown_table({"a": mri}).splitlines()[2].split(" | ")[-1].rstrip(" |")
+    assert ct_cell == f"{ct['intensity']['mean_abs_median_diff']:.1f}"
+    assert mri_cell == f"{mri['intensity']['mean_abs_median_diff']:.3f}" != "0.0"

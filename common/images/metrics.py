@@ -16,6 +16,7 @@ set, one per image. The measures follow MedGen3D's Table 1 in kind plus MAISI's 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
 
@@ -315,20 +316,27 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def original_digits(value_range: Sequence[float]) -> int:
+    """Decimals that show a value in the original units: 1 where the range spans 100 units or
+    more (HU, 8-bit MRI), else 3 (MRI scaled to about [0, 1])."""
+    return 1 if value_range[1] - value_range[0] >= 100 else 3
+
+
 def markdown_table(results_by_method: dict[str, dict]) -> str:
     """Table 1-style markdown of ``evaluate_images`` results: one row per method."""
     rows = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for method, r in results_by_method.items():
         p = r["paired_metrics"] or {}
+        digits = original_digits(r["value_range"])
         cells = [
             method,
             _fmt(r["fid"]),
             _fmt(r["mmd"], 4),
             f"{_fmt(r['diversity_gen']['ms_ssim'])} ({_fmt(r['diversity_real']['ms_ssim'])})",
-            _fmt(p.get("mae_original_mean"), 1),
+            _fmt(p.get("mae_original_mean"), digits),
             _fmt(p.get("psnr_mean"), 2),
             _fmt(p.get("ssim_mean")),
-            _fmt(r["intensity"]["mean_abs_median_diff"], 1),
+            _fmt(r["intensity"]["mean_abs_median_diff"], digits),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     rows += [

@@ -177,6 +177,7 @@ def _cell(value: float | None, fmt: str) -> str:
 def markdown_table(comparison: Mapping) -> str:
     """One row per label and the mean: agreement Dice, real Dice, ratio, medians."""
     unit = comparison["unit"]
+    number = "{:.0f}" if unit == "HU" else "{:.3g}"  # MRI: any scale of image units
     lines = [
         f"| label | agreement Dice (synthetic) | Dice (real) | ratio | median synthetic ({unit}) "
         f"| median real ({unit}) | difference ({unit}) |",
@@ -187,8 +188,8 @@ def markdown_table(comparison: Mapping) -> str:
             _cell(r["dice_synthetic"], "{:.3f}"),
             _cell(r["dice_real"], "{:.3f}"),
             _cell(r["ratio"], "{:.2f}"),
-            *(_cell(r[k], "{:.0f}") for k in ("median_synthetic", "median_real")),
-            _cell(r["median_difference"], "{:+.0f}"),
+            *(_cell(r[k], number) for k in ("median_synthetic", "median_real")),
+            _cell(r["median_difference"], number.replace("{:", "{:+")),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
