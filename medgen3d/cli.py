@@ -229,7 +229,8 @@ def demo(
     OUT/report.md with tables, timings and figures.
 
     Args:
-        dataset: thorax (shipped weights, minutes) or brain (needs --train or --weights).
+        dataset: thorax or brain (shipped standard weights, minutes; the brain at --scale demo
+            needs --train or --weights).
         out: output folder; a rerun keeps finished volumes and study stages.
         train: first retrain every generator stage at the scale (hours on 2 CPU cores at the
             standard scale, see models/PROVENANCE.md; about 80 min for the thorax at the demo

@@ -273,7 +273,7 @@ def run_demo(
             ``train`` or ``weights``).
         train: first train every generator stage at ``scale`` on the cohort.
         cases, heldout: cohort size and the last cases kept out of generator training; the
-            shipped thorax weights were trained on the first 16 of 24 cases with seed 0.
+            shipped weights were trained on the first 16 of 24 cases with seed 0.
         n: synthetic pairs to generate. sampler, steps: the mask sampler (default: the
             mask_diffusion config's).
         epochs: override the epochs of every generator training stage (default: preset's).
@@ -282,7 +282,7 @@ def run_demo(
         seeds: segmentation trainings per regime (seeds seed, seed + 1, ...).
         seg_regimes: the regimes of the segmentation study, e.g. E2-1,E2-2,E2-3.
         scale: the presets of every stage (``standard``: 64^3, the base configs and the
-            shipped thorax weights, brain not yet; ``demo``: 32^3, shipped thorax weights;
+            shipped thorax and brain weights; ``demo``: 32^3, shipped thorax weights;
             ``tiny``: tests), their grid, networks and budgets.
         weights: a folder of generator weights trained at ``scale`` before, laid out as
             ``train`` writes ``OUT/models`` (default: the shipped weights).

@@ -48,7 +48,6 @@ def shipped(folder: str = "") -> dict:
 
 
 SHIPPED = shipped()
-FIRST_16 = [f"thorax_{i:03d}" for i in range(16)]
 
 
 def _pair(root, name, shift=0):
@@ -188,14 +187,16 @@ def test_generator_trainings_record_their_cases_in_every_checkpoint(
         CheckpointLoader(str(final), {"model": network})(Engine(lambda e, b: None))
 
 
-@pytest.mark.parametrize("folder", ["", "demo"])
-def test_shipped_thorax_weights_record_the_first_16_demo_cases(folder):
-    """The standard and the demo thorax weights: `medgen3d demo-data --dataset thorax --cases 24
-    --seed 0`, the first 16 cases (15 train, thorax_015 validating), as each
-    models/PROVENANCE.md says; stored in float16 (`medgen3d store-half`)."""
+@pytest.mark.parametrize("folder", ["", "demo", "brain"])
+def test_shipped_weights_record_the_first_16_demo_cases(folder):
+    """The standard and the demo thorax weights and the standard brain weights: `medgen3d
+    demo-data --dataset thorax|brain --cases 24 --seed 0`, the first 16 cases (15 train, case
+    015 validating), as each models/PROVENANCE.md says; stored in float16 (`medgen3d
+    store-half`)."""
+    dataset = "brain" if folder == "brain" else "thorax"
     for name, path in shipped(folder).items():
         record = checkpoint_record(path)
-        assert [c["id"] for c in record["cases"]] == FIRST_16, name
+        assert [c["id"] for c in record["cases"]] == [f"{dataset}_{i:03d}" for i in range(16)]
         assert [c["role"] for c in record["cases"]] == ["train"] * 15 + ["val"], name
         assert [Path(p).name for p in record["datalists"]] == ["train.json"], name
         state = torch.load(path, weights_only=True)
