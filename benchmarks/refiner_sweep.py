@@ -48,6 +48,7 @@ from common.images.metrics import (
     evaluate_images,
     intensity_agreement,
     label_intensity_stats,
+    original_digits,
 )
 from common.images.refiner import refine_volume, start_timestep
 from common.images.sequence_generator import generate_volume
@@ -250,12 +251,15 @@ def _iqr_ratio(info: dict) -> float | None:
     return gen / real if gen is not None and real else None
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: the main table (one row per setting), then per label Δ median and IQR ratio."""
+def table(rows: list[dict], value_range: tuple[float, float], unit: str = "HU") -> str:
+    """Markdown: the main table (one row per setting), then per label Δ median and IQR ratio;
+    intensities in ``unit`` with the decimals ``value_range`` needs (MRI in [0, 1]: 3)."""
+    d = original_digits(value_range)
+    d_label = 0 if d == 1 else d  # per-label medians: whole HU
     head = [
         "t0 (start)", "guidance", "bf16", "steps / view", "s / volume", "FID", "MMD",
-        "MS-SSIM gen (real)", "MAE HU", "Δ MAE vs t0=0 [95% CI] (better)", "PSNR dB", "SSIM",
-        "mean \\|Δ median\\| HU pooled", "per-case \\|Δ median\\| HU",
+        "MS-SSIM gen (real)", f"MAE {unit}", "Δ MAE vs t0=0 [95% CI] (better)", "PSNR dB",
+        "SSIM", f"mean \\|Δ median\\| {unit} pooled", f"per-case \\|Δ median\\| {unit}",
         "Δ vs t0=0 [95% CI] (better)", "IQR gen / real (mean over labels)",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -272,13 +276,13 @@ def table(rows: list[dict]) -> str:
             f"{r['fid']:.3f}",
             f"{r['mmd']:.4f}",
             f"{r['ms_ssim_gen']:.3f} ({r['ms_ssim_real']:.3f})",
-            _pm(r["mae_original"], 1),
-            _vs(r["mae_original"], 1, n),
+            _pm(r["mae_original"], d),
+            _vs(r["mae_original"], d, n),
             _pm(r["psnr"], 2),
             _pm(r["ssim"], 3),
-            f"{r['pooled_abs_median_diff']:.1f}",
-            _pm(r["abs_median_diff"], 1),
-            _vs(r["abs_median_diff"], 1, n),
+            f"{r['pooled_abs_median_diff']:.{d}f}",
+            _pm(r["abs_median_diff"], d),
+            _vs(r["abs_median_diff"], d, n),
             f"{ratio:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -293,15 +297,17 @@ def table(rows: list[dict]) -> str:
             ratio = _iqr_ratio(info)
             diff = info["median_diff"]
             cells.append(
-                "–" if diff is None else f"{diff:+.0f} / {ratio:.1f}x" if ratio else f"{diff:+.0f}"
+                "–"
+                if diff is None
+                else f"{diff:+.{d_label}f}" + (f" / {ratio:.1f}x" if ratio else "")
             )
         lines.append("| " + " | ".join(cells) + " |")
     real = ", ".join(
-        f"{k} {v['median_real']:.0f} ({v['iqr_real']:.0f})"
+        f"{k} {v['median_real']:.{d_label}f} ({v['iqr_real']:.{d_label}f})"
         for k, v in rows[0]["labels"].items()
         if v["median_real"] is not None
     )
-    lines.append(f"\nCells: median generated − real (HU) / IQR generated ÷ real. Real: {real}.")
+    lines.append(f"\nCells: median generated − real ({unit}) / IQR generated ÷ real. Real: {real}.")
     lines.append(
         "t0 (start): the requested t0 and the scheduled timestep refinement starts from. "
         "s / volume: median seconds of the sequence generator (t0 = 0) or of the refinement "
@@ -367,7 +373,8 @@ def main(
     rows = score_all(out, images, labels, label_set, value_range, base_seed)
     meta = {**context, "names": names, "seeds": seeds, "threads": torch.get_num_threads()}
     write_json({"meta": meta, "rows": rows}, out / "refiner_sweep.json")
-    text = table(rows)
+    unit = "HU" if config["modality"] == "CT" else "image units"
+    text = table(rows, value_range, unit)
     with atomic_path(out / "refiner_sweep.md") as tmp:
         tmp.write_text(text)
     print(text)

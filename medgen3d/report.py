@@ -85,7 +85,7 @@ def demo_figures(
     """
     fig_dir = Path(fig_dir)
     real = _cases(real_grid, rows, prefix="real ")
-    syn = _cases(synthetic, rows, prefix="synthetic ")
+    syn = _cases(synthetic, rows)  # named synthetic_NNNN
     pairs = _interleave(real, syn)
     made = []
     for case in read_datalist(from_real)["training"][:2]:
