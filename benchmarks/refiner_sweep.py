@@ -253,7 +253,7 @@ def _iqr_ratio(info: dict) -> float | None:
 
 def table(rows: list[dict], value_range: tuple[float, float], unit: str = "HU") -> str:
     """Markdown: the main table (one row per setting), then per label Δ median and IQR ratio;
-    intensities in ``unit`` with the decimals ``value_range`` needs (MRI in [0, 1]: 3)."""
+    intensities in ``unit`` with the decimals ``value_range`` needs (MRI in [0, 1]: 4)."""
     d = original_digits(value_range)
     d_label = 0 if d == 1 else d  # per-label medians: whole HU
     head = [

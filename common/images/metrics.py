@@ -317,9 +317,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def original_digits(value_range: Sequence[float]) -> int:
-    """Decimals that show a value in the original units: 1 where the range spans 100 units or
-    more (HU, 8-bit MRI), else 3 (MRI scaled to about [0, 1])."""
-    return 1 if value_range[1] - value_range[0] >= 100 else 3
+    """Decimals that show a value in the original units, and differences of about 1e-4 of the
+    range: 1 where the range spans 100 units or more (HU, 8-bit MRI), else 4 (MRI scaled to
+    about [0, 1])."""
+    return 1 if value_range[1] - value_range[0] >= 100 else 4
 
 
 def markdown_table(results_by_method: dict[str, dict]) -> str:
