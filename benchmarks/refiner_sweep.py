@@ -50,6 +50,7 @@ from common.images.metrics import (
     label_intensity_stats,
     original_digits,
 )
+from common.images.qc import intensity_unit
 from common.images.refiner import refine_volume, start_timestep
 from common.images.sequence_generator import generate_volume
 from common.images.slice_encoder import axial_slices, train_slice_encoder
@@ -373,8 +374,7 @@ def main(
     rows = score_all(out, images, labels, label_set, value_range, base_seed)
     meta = {**context, "names": names, "seeds": seeds, "threads": torch.get_num_threads()}
     write_json({"meta": meta, "rows": rows}, out / "refiner_sweep.json")
-    unit = "HU" if config["modality"] == "CT" else "image units"
-    text = table(rows, value_range, unit)
+    text = table(rows, value_range, intensity_unit(config["modality"]))
     with atomic_path(out / "refiner_sweep.md") as tmp:
         tmp.write_text(text)
     print(text)

@@ -39,6 +39,11 @@ MRI_RANGE_PERCENTILES = (0.5, 99.5)
 QC_STREAM = 1  # retry seeds come from a seed stream apart from the run's case seeds
 
 
+def intensity_unit(modality: str) -> str:
+    """The unit image intensities are read in: HU for CT, the files' own units for MRI."""
+    return "HU" if modality == "CT" else "image units"
+
+
 def _arrays(image: str, label: str, label_set: LabelSet) -> tuple[np.ndarray, np.ndarray]:
     """A case's image ``(H, W, D)`` float32 and label values ``0..K-1`` ``(H, W, D)``."""
     img, lab = load_volume(image), load_volume(label)
@@ -115,7 +120,7 @@ def learn_ranges(real_datalist: str | Path) -> dict:
     return {
         "source": str(real_datalist),
         "modality": modality,
-        "unit": "HU" if modality == "CT" else "image units",
+        "unit": intensity_unit(modality),
         "margin": margin,
         "percentiles": list(PERCENTILES),
         "n_cases": len(cases),

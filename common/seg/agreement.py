@@ -36,7 +36,7 @@ from common.core.bundle_configs import BASE_SCALE, bundle_parser
 from common.core.errors import DataError
 from common.core.io import atomic_path, write_json
 from common.data.labels import LabelSet
-from common.images.qc import label_medians, paired_cases
+from common.images.qc import intensity_unit, label_medians, paired_cases
 from common.seg.metrics import summarise
 
 SEG_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "seg_downstream"
@@ -177,7 +177,8 @@ def _cell(value: float | None, fmt: str) -> str:
 def markdown_table(comparison: Mapping) -> str:
     """One row per label and the mean: agreement Dice, real Dice, ratio, medians."""
     unit = comparison["unit"]
-    number = "{:.0f}" if unit == "HU" else "{:.3g}"  # MRI: any scale of image units
+    # HU in whole units; MRI image units of any scale to three figures
+    number, signed = ("{:.0f}", "{:+.0f}") if unit == "HU" else ("{:.3g}", "{:+.3g}")
     lines = [
         f"| label | agreement Dice (synthetic) | Dice (real) | ratio | median synthetic ({unit}) "
         f"| median real ({unit}) | difference ({unit}) |",
@@ -189,7 +190,7 @@ def markdown_table(comparison: Mapping) -> str:
             _cell(r["dice_real"], "{:.3f}"),
             _cell(r["ratio"], "{:.2f}"),
             *(_cell(r[k], number) for k in ("median_synthetic", "median_real")),
-            _cell(r["median_difference"], number.replace("{:", "{:+")),
+            _cell(r["median_difference"], signed),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -227,7 +228,7 @@ def agreement(
         "synthetic": measure(seg.predict, syn_cases, label_set),
         "real": measure(seg.predict, real_cases, label_set),
     }
-    table = compare(*measured.values(), unit="HU" if modality == "CT" else "image units")
+    table = compare(*measured.values(), unit=intensity_unit(modality))
     result = {
         "segmenter": str(segmenter),
         "synthetic": str(synthetic),
